@@ -1,0 +1,112 @@
+"""Command line: ``python -m lods {generate,edit,sweep,bench,batch,toy-prior} ...``.
+
+Every failure the user can fix (bad input, missing weights) ends with a one-line ``error:`` message
+and exit status 2; ``--debug`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lods.errors import UserError
+
+NOT_BUILT = "not available in this version yet"
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prior", default=None, help="toy (default), sd21, a diffusers hub id or a local folder")
+    p.add_argument("--method", default=None, help="sds, sds-ref, sds-norm, lods-embed, lods-lora, vsd, cfg-anneal, dds")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight w (inf allowed)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate of the image (2D), or a multiplier of every scene learning rate (3D)",
+    )
+    p.add_argument("--learned-lr", type=float, default=None, help="learning rate of the null embedding or LoRA")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--config", default=None, help="YAML file with any of the config keys")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--out", required=True, help="output folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lods", description="LODS Studio: score-distillation text-to-3D.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="text to 3D (gs, nerf) or to an image (image)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--backbone", default=None, help="gs, nerf or image")
+    g.add_argument("--resume", default=None, help="a previous run's folder to continue")
+    _add_run_options(g)
+
+    e = sub.add_parser("edit", help="text-guided 2D editing (DDS, LODS-embed, ...)")
+    e.add_argument("--image", required=True)
+    e.add_argument("--source-prompt", required=True)
+    e.add_argument("--prompt", required=True)
+    _add_run_options(e)
+
+    sub.add_parser("sweep", help=f"several methods / CFG values, one table and one grid ({NOT_BUILT})")
+    sub.add_parser("batch", help=f"many prompts and methods, resumable, optionally on Ray ({NOT_BUILT})")
+
+    b = sub.add_parser("bench", help="benchmarks (guidance: UNet passes and time per step per estimator)")
+    b.add_argument("what", choices=["guidance", "speed", "quality"])
+    b.add_argument("--prior", default="toy")
+    b.add_argument("--steps", type=int, default=5)
+    b.add_argument("--out", default=None, help="write the results as JSON here")
+
+    t = sub.add_parser("toy-prior", help="the embedded prior: render, train, sample, judge")
+    tsub = t.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
+    tr = tsub.add_parser("render", help="render the toy world's training cache (resumable)")
+    tr.add_argument("--out", default=".cache/toy-world")
+    tr.add_argument("--n", type=int, default=48 * 512)
+    tr.add_argument("--seed", type=int, default=0)
+    tt = tsub.add_parser("train", help="train the VAE, then the UNet and text encoder (resumable)")
+    tt.add_argument("--cache", default=".cache/toy-world")
+    tt.add_argument("--work", default=".cache/toy-train")
+    tt.add_argument("--out", default=None, help="pipeline folder (default: the package's shipped weights)")
+    tt.add_argument("--vae-minutes", type=float, default=12.0)
+    tt.add_argument("--unet-minutes", type=float, default=90.0)
+    ts = tsub.add_parser("sample", help="DDIM samples of a prompt")
+    ts.add_argument("--prompt", required=True)
+    ts.add_argument("--n", type=int, default=8)
+    ts.add_argument("--seed", type=int, default=0)
+    ts.add_argument("--steps", type=int, default=50)
+    ts.add_argument("--cfg", type=float, default=5.0)
+    ts.add_argument("--out", required=True)
+    tj = tsub.add_parser("judge", help="train the judge, or report its accuracy on renders and on samples")
+    tj.add_argument("--train", action="store_true", help="train the judge on the render cache first")
+    tj.add_argument("--cache", default=".cache/toy-world")
+    tj.add_argument("--minutes", type=float, default=10.0)
+    tj.add_argument("--samples-per-caption", type=int, default=2)
+    tj.add_argument("--captions-per-category", type=int, default=48)
+    tj.add_argument("--cfg", type=float, default=5.0)
+    tj.add_argument("--steps", type=int, default=50)
+    tj.add_argument("--out", default=None, help="write the report as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        from lods import cli
+
+        return cli.run(args)
+    except UserError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

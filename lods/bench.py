@@ -1,0 +1,76 @@
+"""``python -m lods bench guidance``: UNet passes and time per step for every estimator (the paper's Fig. 3)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lods.errors import UserError
+from lods.guidance import METHODS, make_estimator
+
+
+def bench_guidance(prior, steps: int = 5, batch: int = 1, cfg: float = 100.0, seed: int = 0) -> list[dict]:
+    """Per estimator: UNet forward and backward passes per view and step, and seconds per step.
+
+    Each step is a full Algorithm 1 iteration on a 2D latent theta: the theta step (line 5) with its
+    backward into theta, then the learned parameters' step (line 6). Passes are counted per view.
+    """
+    rows = []
+    null = prior.encode_text([""])
+    text = prior.encode_text(["a red cube"])
+    for method in METHODS:
+        torch.manual_seed(seed)
+        est = make_estimator(method, prior, {})
+        z = torch.randn(batch, *prior.latent_shape, device=prior.device, requires_grad=True)
+        if method == "dds":
+            est.set_source(torch.randn(1, *prior.latent_shape, device=prior.device), prior.encode_text(["a blue cube"]))
+        times, fwd, bwd = [], 0.0, 0.0
+        try:
+            for i in range(steps + 1):
+                t0 = time.perf_counter()
+                out = est.step(z, text, null, cfg if method not in ("vsd", "dds") else 7.5, i)
+                out.loss.backward()
+                upd = est.update(z.detach(), text, null) or {}
+                if i > 0:  # the first step warms up caches and allocators
+                    times.append(time.perf_counter() - t0)
+                fwd = out.stats["unet_forward"] + upd.get("unet_forward", 0.0)
+                bwd = out.stats["unet_backward"] + upd.get("unet_backward", 0.0)
+        finally:
+            est.close()
+        rows.append(
+            {
+                "method": method,
+                "unet_forward": fwd,
+                "unet_backward": bwd,
+                "seconds_per_step": sum(times) / len(times),
+                "batch": batch,
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| method | UNet forward / step | UNet backward / step | ms / step |", "| --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['unet_forward']:g} | {r['unet_backward']:g} | {1000 * r['seconds_per_step']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    if args.what != "guidance":
+        raise UserError(f"`bench {args.what}` is not available in this version yet; `bench guidance` is")
+    from lods.trainer import load_prior
+
+    prior = load_prior(args.prior, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = bench_guidance(prior, steps=args.steps)
+    print(format_table(rows))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"device": str(prior.device), "rows": rows}, indent=2))
+    return 0

@@ -1,0 +1,99 @@
+"""Implementations of the command-line subcommands (argument parsing lives in ``__main__``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from lods.errors import UserError
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "toy-prior":
+        return _toy_prior(args)
+    if args.command in ("generate", "edit"):
+        from lods import runs
+
+        return runs.run_from_args(args)
+    if args.command == "bench":
+        from lods import bench
+
+        return bench.run_from_args(args)
+    raise UserError(f"`{args.command}` is not available in this version yet")
+
+
+def _toy_prior(args: argparse.Namespace) -> int:
+    if args.toy_command == "render":
+        from lods.priors.toy.data import render_cache
+
+        render_cache(args.out, args.n, seed=args.seed)
+        return 0
+    if args.toy_command == "train":
+        from lods.priors.toy.train import WEIGHTS_DIR, ToyTrainConfig, train
+
+        cfg = ToyTrainConfig(
+            cache=args.cache,
+            work=args.work,
+            out=args.out or str(WEIGHTS_DIR),
+            vae_minutes=args.vae_minutes,
+            unet_minutes=args.unet_minutes,
+        )
+        if not list(Path(cfg.cache).glob("chunk_*.pt")):
+            raise UserError(
+                f"no rendered chunks in {cfg.cache}; run `python -m lods toy-prior render --out {cfg.cache}`"
+            )
+        print(f"saved the prior to {train(cfg)}")
+        return 0
+    if args.toy_command == "sample":
+        from lods.priors.toy.sample import load_pipeline, sample, save_samples
+
+        if not args.prompt.strip():
+            raise UserError("the prompt is empty")
+        if args.n < 1 or args.steps < 1:
+            raise UserError("--n and --steps must be at least 1")
+        images = sample(load_pipeline(), [args.prompt] * args.n, seed=args.seed, steps=args.steps, cfg=args.cfg)
+        save_samples(images, args.out)
+        print(f"wrote {args.n} samples and grid.png to {args.out}")
+        return 0
+    if args.toy_command == "judge":
+        return _judge(args)
+    raise UserError(f"unknown toy-prior action {args.toy_command!r}")
+
+
+def _judge(args: argparse.Namespace) -> int:
+    from lods.priors.toy import judge as J
+    from lods.priors.toy.data import load_cache, render_cache
+    from lods.priors.toy.sample import load_pipeline, sample
+    from lods.priors.toy.world import all_captions
+
+    if args.train:
+        paths = sorted(Path(args.cache).glob("chunk_*.pt"))
+        if not paths:
+            raise UserError(f"no rendered chunks in {args.cache}")
+        J.train_judge(load_cache(paths), minutes=args.minutes)
+    judge = J.load_judge()
+    test_dir = Path(args.cache).parent / "judge-test"
+    report: dict = {"renders": J.evaluate_on_renders(judge, load_cache(render_cache(test_dir, 1024, seed=7)))}
+    print("judge accuracy on held-out renders:", json.dumps(report["renders"]))
+    pipe = load_pipeline()
+    rng = random.Random(0)
+    groups = {
+        "single": all_captions("single", held_out=False),
+        "surroundings": all_captions("surroundings", held_out=False),
+        "multi": all_captions("multi", held_out=False),
+        "held_out": all_captions("single", held_out=True) + all_captions("surroundings", held_out=True)[:6],
+    }
+    report["samples"] = {"cfg": args.cfg, "steps": args.steps}
+    for name, caps in groups.items():
+        caps = rng.sample(caps, min(args.captions_per_category, len(caps)))
+        prompts = [c for c in caps for _ in range(args.samples_per_caption)]
+        images = sample(pipe, prompts, seed=1, steps=args.steps, cfg=args.cfg)
+        right = J.judge_images(judge, images, prompts)["objects_right"]
+        report["samples"][name] = {"accuracy": float(right.float().mean()), "n": len(prompts)}
+        print(f"samples judged right, {name}: {float(right.float().mean()):.3f} of {len(prompts)}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        J.save_report(report, args.out)
+    return 0

@@ -1,0 +1,619 @@
+"""Score-distillation estimators: the direction each one pushes the latents in, and what each one learns.
+
+Every equation of the paper is one short pure function below (Eqs. 2-10); the estimators combine them.
+All estimators share one interface, the two lines of Algorithm 1's loop::
+
+    out = est.step(z, text_emb, null_emb, cfg, step, cameras)   # line 5: direction for theta, learned params frozen
+    out.loss.backward()                                          # z.grad == out.grad / B (the UNet Jacobian is skipped)
+    info = est.update(z.detach(), text_emb, null_emb, cameras)  # line 6: alpha (Eq. 8) or psi (Eq. 10); None if nothing
+
+``z`` is (B, C, h, w) as returned by ``prior.encode_images`` (with its graph to theta); ``text_emb`` and
+``null_emb`` are (1 or B, L, D). ``cfg`` is the guidance weight w of Eq. 2, read every step so that it
+can be turned live; ``float('inf')`` is allowed for the normalized estimators (Eqs. 7 and 9), whose
+direction tends to eps(z_t; y) - eps(z_t; alpha) as w grows. Every ``step``/``update`` reports how many
+UNet forward and backward passes it made, in units of one pass over the B latents (a CFG pair is 2).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from lods.cameras import Cameras
+from lods.priors.base import DiffusionPrior
+
+# ----------------------------------------------------------------------------- the equations
+
+
+def cfg_combine(eps_c: torch.Tensor, eps_u: torch.Tensor, w: float) -> torch.Tensor:
+    """Eq. 2: classifier-free guidance, w eps(z_t; y) + (1 - w) eps(z_t; null)."""
+    return w * eps_c + (1 - w) * eps_u
+
+
+def sds_direction(eps_hat: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Eq. 3: the SDS direction, the guided prediction minus the added noise."""
+    return eps_hat - noise
+
+
+def sds_ref_direction(eps_c: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Eq. 6: the reference SDS, the conditional prediction (no CFG) minus the added noise."""
+    return eps_c - noise
+
+
+def sds_norm_direction(eps_c: torch.Tensor, eps_null: torch.Tensor, noise: torch.Tensor, w: float) -> torch.Tensor:
+    """Eqs. 7 and 9: eps_c + (1 - w)/w eps_null - eps/w, i.e. Eq. 3 divided by w.
+
+    ``eps_null`` is the prediction with the learnable embedding alpha (Eq. 7) or with the LoRA model psi
+    (Eq. 9). For w = inf the limit is eps_c - eps_null.
+    """
+    if math.isinf(w):
+        return eps_c - eps_null
+    return eps_c + (1 - w) / w * eps_null - noise / w
+
+
+def dds_direction(eps_hat_target: torch.Tensor, eps_hat_source: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: DDS, the guided prediction on the edited latents/target text minus that on the source pair."""
+    return eps_hat_target - eps_hat_source
+
+
+def vsd_direction(eps_hat_pretrained: torch.Tensor, eps_lora: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: VSD, the pretrained (guided) prediction minus the prediction of the LoRA model of the renders."""
+    return eps_hat_pretrained - eps_lora
+
+
+def denoising_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Eqs. 8 and 10: ||eps(z_t; alpha or psi) - eps||^2, as a mean over elements (the constant factor omitted)."""
+    return ((eps_pred.float() - noise.float()) ** 2).mean()
+
+
+def detached_target_loss(z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """0.5 ||z - sg(z - grad)||^2 / B: its gradient with respect to z is grad / B, with no UNet Jacobian."""
+    z = z.float()
+    return 0.5 * ((z - (z - grad.float()).detach()) ** 2).sum() / z.shape[0]
+
+
+WEIGHTINGS = ("sds", "uniform", "fantasia3d")
+
+
+def timestep_weight(alpha_bar: torch.Tensor, kind: str) -> torch.Tensor:
+    """w(t): "sds" 1 - alpha_bar (DreamFusion), "uniform" 1, "fantasia3d" sqrt(alpha_bar) (1 - alpha_bar)."""
+    if kind == "sds":
+        return 1 - alpha_bar
+    if kind == "uniform":
+        return torch.ones_like(alpha_bar)
+    if kind == "fantasia3d":
+        return alpha_bar.sqrt() * (1 - alpha_bar)
+    raise ValueError(f"unknown weighting '{kind}'; choose one of: {', '.join(WEIGHTINGS)}")
+
+
+def annealed_cfg(w0: float, w1: float, step: int, steps: int) -> float:
+    """Section 3.3's baseline: the CFG weight decreasing linearly from w0 to w1 over ``steps``, then held."""
+    frac = min(max(step / max(steps, 1), 0.0), 1.0)
+    return w0 + (w1 - w0) * frac
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TimestepSchedule:
+    """t ~ U{min, max}, as fractions of T, for the theta step; the upper bound may anneal.
+
+    ``anneal``: "none"; "step" (max_frac until ``anneal_step``, then ``anneal_to``, as the official
+    runs' 0.98 -> 0.5); "linear" (max_frac moves linearly to ``anneal_to`` at ``anneal_step``, then holds).
+    """
+
+    min_frac: float = 0.02
+    max_frac: float = 0.98
+    anneal: str = "none"
+    anneal_to: float = 0.5
+    anneal_step: int = 500
+
+    def __post_init__(self):
+        if self.anneal not in ("none", "step", "linear"):
+            raise ValueError(f"unknown anneal '{self.anneal}'; choose none, step or linear")
+        top = [self.max_frac] + ([self.anneal_to] if self.anneal != "none" else [])
+        if not 0 <= self.min_frac <= min(top) or max(top) > 1:
+            raise ValueError("need 0 <= min_frac <= max_frac (and anneal_to) <= 1")
+
+    def max_at(self, step: int) -> float:
+        if self.anneal == "step":
+            return self.max_frac if step < self.anneal_step else self.anneal_to
+        if self.anneal == "linear":
+            frac = min(step / max(self.anneal_step, 1), 1.0)
+            return self.max_frac + (self.anneal_to - self.max_frac) * frac
+        return self.max_frac
+
+    def bounds(self, step: int, num_train_timesteps: int) -> tuple[int, int]:
+        """Inclusive integer bounds of t at ``step``."""
+        hi = min(int(self.max_at(step) * num_train_timesteps), num_train_timesteps - 1)
+        lo = min(int(self.min_frac * num_train_timesteps), hi)
+        return lo, hi
+
+    def sample(self, step: int, n: int, num_train_timesteps: int, device: torch.device) -> torch.Tensor:
+        lo, hi = self.bounds(step, num_train_timesteps)
+        return torch.randint(lo, hi + 1, (n,), device=device)
+
+
+DEFAULT_LR = {"lods-embed": 1e-4, "lods-lora": 5e-7, "vsd": 1e-3}
+
+
+@dataclass
+class GuidanceConfig:
+    """Settings shared by the estimators; each one reads the fields it needs.
+
+    lr: learning rate of the learned parameters (alpha, LoRA); None takes the method's default
+    (``DEFAULT_LR``: the paper's 2D embedding rate, its 3D LoRA rate, ProlificDreamer's LoRA rate).
+    lora_scale: scale of psi in the null branch of Eq. 9 (0.5 in the official release).
+    merge_update: section 3.7's variant; the learned branch's forward of the theta step is kept with
+    its graph and reused by ``update``, saving one UNet forward (the update then uses the theta step's t).
+    """
+
+    schedule: TimestepSchedule = field(default_factory=TimestepSchedule)
+    weighting: str = "sds"
+    grad_clip: float | None = None
+    lr: float | None = None
+    lora_rank: int = 4
+    lora_alpha: float | None = None
+    lora_scale: float = 0.5
+    camera_dropout: float = 0.1
+    cfg_end: float = 7.5
+    anneal_steps: int = 1000
+    merge_update: bool = False
+
+    def __post_init__(self):
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting '{self.weighting}'; choose one of: {', '.join(WEIGHTINGS)}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GuidanceConfig:
+        """From plain values (YAML); ``schedule`` may be a dict. Unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown guidance settings: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if isinstance(d.get("schedule"), dict):
+            d["schedule"] = TimestepSchedule(**d["schedule"])
+        return cls(**d)
+
+
+@dataclass
+class GuidanceOutput:
+    """``loss`` backpropagates into theta; ``grad`` is the weighted, guarded direction on z (z.grad = grad / B)."""
+
+    loss: torch.Tensor
+    grad: torch.Tensor
+    stats: dict[str, float]
+
+
+# ----------------------------------------------------------------------------- estimators
+
+
+def _per_view(emb: torch.Tensor, n: int) -> torch.Tensor:
+    if emb.shape[0] == n:
+        return emb
+    if emb.shape[0] == 1:
+        return emb.expand(n, *emb.shape[1:])
+    raise ValueError(f"embedding batch {emb.shape[0]} does not match {n} views")
+
+
+def _camera_labels(cameras: Cameras | None, n: int, device: torch.device) -> torch.Tensor:
+    """Flattened camera-to-world matrices (n, 16); zeros without cameras (the unconditional label)."""
+    if cameras is None:
+        return torch.zeros(n, 16, device=device)
+    if len(cameras) != n:
+        raise ValueError(f"{len(cameras)} cameras for {n} views")
+    return cameras.c2w.reshape(n, 16).to(device, torch.float32)
+
+
+_ADAPTER_IDS = itertools.count()
+
+
+class Estimator:
+    """The theta step shared by every method: draw t and eps, ask ``direction``, weight, guard, clip."""
+
+    method = ""
+
+    def __init__(self, prior: DiffusionPrior, config: GuidanceConfig | None = None):
+        self.prior = prior
+        self.config = config or GuidanceConfig()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.lr = self.config.lr if self.config.lr is not None else DEFAULT_LR.get(self.method, 0.0)
+        self._forward = 0
+        self._backward = 0
+
+    # counting UNet passes (in latents; divided by the batch when reported)
+    def _eps(self, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, class_labels=None) -> torch.Tensor:
+        self._forward += z_t.shape[0]
+        return self.prior.predict_noise(z_t, t, emb, class_labels)
+
+    def _pair(self, z_t: torch.Tensor, t: torch.Tensor, emb_a: torch.Tensor, emb_b: torch.Tensor):
+        """Two predictions on the same z_t in one UNet call (the usual CFG batching)."""
+        dtype = self.prior.dtype
+        eps = self._eps(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([emb_a.to(dtype), emb_b.to(dtype)]))
+        return eps.chunk(2)
+
+    def _counts(self, n: int) -> dict[str, float]:
+        counts = {"unet_forward": self._forward / n, "unet_backward": self._backward / n}
+        self._forward = self._backward = 0
+        return counts
+
+    def direction(
+        self, z_t: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor,
+        null_emb: torch.Tensor, cfg: float, step: int, cameras: Cameras | None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The method's unweighted direction on z (float32) and its own stats (at least the effective ``cfg``)."""
+        raise NotImplementedError
+
+    def step(
+        self, z: torch.Tensor, text_emb: torch.Tensor, null_emb: torch.Tensor, cfg: float, step: int,
+        cameras: Cameras | None = None,
+    ) -> GuidanceOutput:
+        """Algorithm 1, line 5: the direction for theta with the learned parameters frozen."""
+        n = z.shape[0]
+        self._forward = self._backward = 0
+        t = self.config.schedule.sample(step, n, self.prior.num_train_timesteps, z.device)
+        noise = torch.randn(z.shape, device=z.device, dtype=torch.float32)
+        z_t = self.prior.add_noise(z.detach().float(), noise, t)
+        with torch.no_grad():
+            raw, stats = self.direction(
+                z_t, noise, t, _per_view(text_emb, n), _per_view(null_emb, n), cfg, step, cameras
+            )
+            w_t = timestep_weight(self.prior.alphas_cumprod[t], self.config.weighting).view(-1, 1, 1, 1)
+            grad = w_t * raw
+            nonfinite = (~torch.isfinite(grad)).sum()
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            if self.config.grad_clip is not None:
+                grad = grad.clamp(-self.config.grad_clip, self.config.grad_clip)
+        loss = detached_target_loss(z, grad)
+        stats.update(
+            t=t.float().mean().item(),
+            w_t=w_t.mean().item(),
+            grad_norm=grad.flatten(1).norm(dim=1).mean().item(),
+            nonfinite=float(nonfinite),
+            **self._counts(n),
+        )
+        return GuidanceOutput(loss, grad, stats)
+
+    def update(
+        self, z: torch.Tensor, text_emb: torch.Tensor, null_emb: torch.Tensor, cameras: Cameras | None = None
+    ) -> dict[str, float] | None:
+        """Algorithm 1, line 6; plain score distillation has nothing to learn."""
+        return None
+
+    def set_lr(self, lr: float) -> None:
+        """Learning rate of the learned parameters, effective from the next update."""
+        self.lr = lr
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{self.method} has no learned state to load")
+
+    def close(self) -> None:
+        """Detach whatever the estimator attached to the prior (adapters); plain estimators attach nothing."""
+
+
+class Sds(Estimator):
+    """DreamFusion's SDS (Eq. 3) with CFG as Eq. 2."""
+
+    method = "sds"
+
+    def cfg_at(self, cfg: float, step: int) -> float:
+        if math.isinf(cfg):
+            raise ValueError(f"{self.method} diverges at cfg = inf; use sds-norm or lods-* for an infinite weight")
+        return cfg
+
+    def direction(self, z_t, noise, t, text_emb, null_emb, cfg, step, cameras):
+        w = self.cfg_at(cfg, step)
+        eps_c, eps_u = self._pair(z_t, t, text_emb, null_emb)
+        return sds_direction(cfg_combine(eps_c, eps_u, w), noise), {"cfg": w}
+
+
+class CfgAnneal(Sds):
+    """SDS whose CFG weight decreases linearly from ``cfg`` to ``config.cfg_end`` (section 3.3's baseline)."""
+
+    method = "cfg-anneal"
+
+    def cfg_at(self, cfg: float, step: int) -> float:
+        return annealed_cfg(super().cfg_at(cfg, step), self.config.cfg_end, step, self.config.anneal_steps)
+
+
+class SdsRef(Estimator):
+    """The reference SDS (Eq. 6): the conditional prediction only, one UNet pass, ``cfg`` ignored."""
+
+    method = "sds-ref"
+
+    def direction(self, z_t, noise, t, text_emb, null_emb, cfg, step, cameras):
+        return sds_ref_direction(self._eps(z_t, t, text_emb), noise), {"cfg": 1.0}
+
+
+class SdsNorm(Estimator):
+    """The normalized SDS (Eq. 7) with the null embedding frozen: Eq. 3 divided by w."""
+
+    method = "sds-norm"
+
+    def direction(self, z_t, noise, t, text_emb, null_emb, cfg, step, cameras):
+        eps_c, eps_u = self._pair(z_t, t, text_emb, null_emb)
+        return sds_norm_direction(eps_c, eps_u, noise, cfg), {"cfg": cfg}
+
+
+class _Learner(Estimator):
+    """Shared by the estimators with an optimizer of their own (Algorithm 1, line 6)."""
+
+    def __init__(self, prior: DiffusionPrior, config: GuidanceConfig | None = None):
+        super().__init__(prior, config)
+        self.params: list[nn.Parameter] = []
+        self._pending: torch.Tensor | None = None
+
+    def _attach(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+        for p in params:
+            p.requires_grad_(False)
+        self.optimizer = torch.optim.Adam(params, lr=self.lr)
+
+    def _set_trainable(self, on: bool) -> None:
+        for p in self.params:
+            p.requires_grad_(on)
+
+    def _noisy_uniform(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """t uniform in [0, T), fresh noise, and z_t from detached latents: the diffusion training objective."""
+        t = torch.randint(0, self.prior.num_train_timesteps, (z.shape[0],), device=z.device)
+        noise = torch.randn(z.shape, device=z.device, dtype=torch.float32)
+        return t, noise, self.prior.add_noise(z.detach().float(), noise, t)
+
+    def _learn(self, loss: torch.Tensor, n_items: int) -> float:
+        """One optimizer step on ``loss`` (whose graph runs through ``n_items`` latents of UNet passes)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._backward += n_items
+        self.optimizer.step()
+        return loss.item()
+
+    def _pending_update(self, n: int) -> float:
+        """Section 3.7: backpropagate the loss whose forward was made during the theta step."""
+        if self._pending is None:
+            raise RuntimeError("with merge_update, call step() before update()")
+        loss, self._pending = self._pending, None
+        self._set_trainable(True)
+        try:
+            return self._learn(loss, n)
+        finally:
+            self._set_trainable(False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "params": [p.detach().cpu().clone() for p in self.params],
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "lr": self.lr,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["params"]) != len(self.params):
+            raise ValueError(f"{self.method}: {len(state['params'])} saved tensors for {len(self.params)} parameters")
+        with torch.no_grad():
+            for p, v in zip(self.params, state["params"]):
+                p.copy_(v)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.set_lr(state["lr"])
+
+
+class LodsEmbed(_Learner):
+    """LODS with a learnable unconditional embedding alpha (Algorithm 2).
+
+    Theta step: Eq. 7 with alpha frozen. Update: Eq. 8, the denoising loss of eps(z_t; alpha) on the
+    detached latents with t uniform in [0, T); it does not involve w. alpha is one (1, L, D) tensor
+    shared by all views, initialized on first use from ``null_emb`` (the null or negative-prompt
+    embedding; the source caption's when editing).
+    """
+
+    method = "lods-embed"
+
+    def __init__(self, prior: DiffusionPrior, config: GuidanceConfig | None = None):
+        super().__init__(prior, config)
+        self.alpha: nn.Parameter | None = None
+        self.alpha_init: torch.Tensor | None = None
+
+    def _ensure_alpha(self, null_emb: torch.Tensor) -> nn.Parameter:
+        if self.alpha is None:
+            self.alpha_init = null_emb[:1].detach().float().clone()
+            self.alpha = nn.Parameter(self.alpha_init.clone())
+            self._attach([self.alpha])
+        return self.alpha
+
+    def direction(self, z_t, noise, t, text_emb, null_emb, cfg, step, cameras):
+        n = z_t.shape[0]
+        alpha = self._ensure_alpha(null_emb).expand(n, -1, -1)
+        if not self.config.merge_update:
+            eps_c, eps_a = self._pair(z_t, t, text_emb, alpha)
+        else:
+            eps_c = self._eps(z_t, t, text_emb)
+            self._set_trainable(True)
+            with torch.enable_grad():
+                eps_a = self._eps(z_t, t, self.alpha.expand(n, -1, -1))
+                self._pending = denoising_loss(eps_a, noise)
+            self._set_trainable(False)
+            eps_a = eps_a.detach()
+        return sds_norm_direction(eps_c, eps_a, noise, cfg), {"cfg": cfg}
+
+    def update(self, z, text_emb, null_emb, cameras=None):
+        """Eq. 8 on the detached latents; returns the denoising loss and how far alpha moved."""
+        n = z.shape[0]
+        self._forward = self._backward = 0
+        if self.config.merge_update:
+            loss = self._pending_update(n)
+        else:
+            alpha = self._ensure_alpha(null_emb)
+            t, noise, z_t = self._noisy_uniform(z)
+            self._set_trainable(True)
+            try:
+                with torch.enable_grad():
+                    loss = self._learn(denoising_loss(self._eps(z_t, t, alpha.expand(n, -1, -1)), noise), n)
+            finally:
+                self._set_trainable(False)
+        drift = (self.alpha.detach() - self.alpha_init).norm().item()
+        return {"update_loss": loss, "alpha_drift": drift, **self._counts(n)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if self.alpha is None:
+            self._ensure_alpha(state["alpha_init"].to(self.prior.device))
+        super().load_state_dict(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.alpha is None:
+            return {}
+        return {**super().state_dict(), "alpha_init": self.alpha_init.cpu().clone()}
+
+
+class LodsLora(_Learner):
+    """LODS with learnable LoRA parameters psi (Algorithm 3).
+
+    Theta step: Eq. 9, the conditional branch on the base model (LoRA scale 0) and the null branch on
+    the LoRA model at ``config.lora_scale``. Update: Eq. 10, the denoising loss of eps_psi(z_t; null)
+    at full LoRA scale, t uniform in [0, T). With ``merge_update`` psi is trained through the theta
+    step's null-branch forward, i.e. at ``lora_scale`` and at the theta step's t.
+    """
+
+    method = "lods-lora"
+
+    def __init__(self, prior: DiffusionPrior, config: GuidanceConfig | None = None):
+        super().__init__(prior, config)
+        self.adapter = f"lods_lora_{next(_ADAPTER_IDS)}"
+        self._attach(prior.add_lora(self.adapter, self.config.lora_rank, self.config.lora_alpha))
+
+    def direction(self, z_t, noise, t, text_emb, null_emb, cfg, step, cameras):
+        eps_c = self._eps(z_t, t, text_emb)
+        with self.prior.lora_scale(self.adapter, self.config.lora_scale):
+            if not self.config.merge_update:
+                eps_u = self._eps(z_t, t, null_emb)
+            else:
+                self._set_trainable(True)
+                with torch.enable_grad():
+                    eps_u = self._eps(z_t, t, null_emb)
+                    self._pending = denoising_loss(eps_u, noise)
+                self._set_trainable(False)
+                eps_u = eps_u.detach()
+        return sds_norm_direction(eps_c, eps_u, noise, cfg), {"cfg": cfg}
+
+    def update(self, z, text_emb, null_emb, cameras=None):
+        """Eq. 10 on the detached latents with the null embedding."""
+        n = z.shape[0]
+        self._forward = self._backward = 0
+        if self.config.merge_update:
+            loss = self._pending_update(n)
+        else:
+            t, noise, z_t = self._noisy_uniform(z)
+            self._set_trainable(True)
+            try:
+                with self.prior.lora_scale(self.adapter, 1.0), torch.enable_grad():
+                    loss = self._learn(denoising_loss(self._eps(z_t, t, _per_view(null_emb, n)), noise), n)
+            finally:
+                self._set_trainable(False)
+        return {"update_loss": loss, **self._counts(n)}
+
+    def close(self) -> None:
+        self.prior.remove_lora(self.adapter)
+
+
+class Vsd(_Learner):
+    """ProlificDreamer's VSD (Eq. 5) with a camera-conditioned LoRA model of the renders.
+
+    Theta step: w(t) (CFG-guided pretrained prediction - LoRA prediction with the views' cameras, CFG 1).
+    Update: the LoRA's denoising loss on the renders with the text condition, t uniform in [0, T), and the
+    camera label zeroed for ``config.camera_dropout`` of the views.
+    """
+
+    method = "vsd"
+
+    def __init__(self, prior: DiffusionPrior, config: GuidanceConfig | None = None):
+        super().__init__(prior, config)
+        self.adapter = f"vsd_lora_{next(_ADAPTER_IDS)}"
+        params = prior.add_lora(self.adapter, self.config.lora_rank, self.config.lora_alpha, camera_conditioning=True)
+        self._attach(params)
+
+    def direction(self, z_t, noise, t, text_emb, null_emb, cfg, step, cameras):
+        if math.isinf(cfg):
+            raise ValueError("vsd diverges at cfg = inf; use a finite guidance weight (ProlificDreamer uses 7.5)")
+        eps_c, eps_u = self._pair(z_t, t, text_emb, null_emb)
+        with self.prior.lora_scale(self.adapter, 1.0):
+            eps_lora = self._eps(z_t, t, text_emb, _camera_labels(cameras, z_t.shape[0], z_t.device))
+        return vsd_direction(cfg_combine(eps_c, eps_u, cfg), eps_lora), {"cfg": cfg}
+
+    def update(self, z, text_emb, null_emb, cameras=None):
+        n = z.shape[0]
+        self._forward = self._backward = 0
+        t, noise, z_t = self._noisy_uniform(z)
+        labels = _camera_labels(cameras, n, z.device)
+        keep = (torch.rand(n, 1, device=z.device) >= self.config.camera_dropout).float()
+        self._set_trainable(True)
+        try:
+            with self.prior.lora_scale(self.adapter, 1.0), torch.enable_grad():
+                eps = self._eps(z_t, t, _per_view(text_emb, n), labels * keep)
+                loss = self._learn(denoising_loss(eps, noise), n)
+        finally:
+            self._set_trainable(False)
+        return {"update_loss": loss, **self._counts(n)}
+
+    def close(self) -> None:
+        self.prior.remove_lora(self.adapter)
+
+
+class Dds(Estimator):
+    """Delta Denoising Score (Eq. 4) for editing: call ``set_source(z_source, source_emb)`` first.
+
+    The source latents get the same noise and t as the edited ones; both sides use CFG with weight ``cfg``
+    and ``null_emb`` as the unconditional embedding; all four predictions share one UNet call.
+    """
+
+    method = "dds"
+
+    def __init__(self, prior: DiffusionPrior, config: GuidanceConfig | None = None):
+        super().__init__(prior, config)
+        self.source: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def set_source(self, z_source: torch.Tensor, source_emb: torch.Tensor) -> None:
+        self.source = (z_source.detach().float(), source_emb.detach())
+
+    def direction(self, z_t, noise, t, text_emb, null_emb, cfg, step, cameras):
+        if self.source is None:
+            raise ValueError("dds needs set_source(z_source, source_emb) before step()")
+        if math.isinf(cfg):
+            raise ValueError("dds diverges at cfg = inf; use a finite guidance weight")
+        n = z_t.shape[0]
+        z_src, src_emb = self.source
+        zs_t = self.prior.add_noise(_per_view(z_src, n), noise, t)
+        src_emb = _per_view(src_emb, n).to(text_emb.dtype)
+        embs = torch.cat([text_emb, null_emb, src_emb, null_emb])
+        eps = self._eps(torch.cat([z_t, z_t, zs_t, zs_t]), t.repeat(4), embs)
+        eps_c, eps_u, eps_sc, eps_su = eps.chunk(4)
+        return dds_direction(cfg_combine(eps_c, eps_u, cfg), cfg_combine(eps_sc, eps_su, cfg)), {"cfg": cfg}
+
+
+METHODS: dict[str, type[Estimator]] = {
+    cls.method: cls for cls in (Sds, SdsRef, SdsNorm, LodsEmbed, LodsLora, Vsd, CfgAnneal, Dds)
+}
+
+
+def make_estimator(
+    method: str, prior: DiffusionPrior, config: GuidanceConfig | dict[str, Any] | None = None
+) -> Estimator:
+    """The estimator called ``method`` (one of ``METHODS``) on ``prior``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
+    if isinstance(config, dict):
+        config = GuidanceConfig.from_dict(config)
+    return METHODS[method](prior, config)

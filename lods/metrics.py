@@ -1,0 +1,71 @@
+"""Image and scene quality measures: colour statistics, clipped pixels, floaters, alignment.
+
+All functions take images (B, 3, H, W) in [0, 1] and, where it matters, an object mask or the
+rendered alpha (B, 1, H, W) or (B, H, W). Pure functions; no model state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+
+def _mask(mask: torch.Tensor) -> torch.Tensor:
+    return (mask[:, 0] if mask.dim() == 4 else mask).bool()
+
+
+def foreground_mask(images: torch.Tensor, background: float = 1.0, threshold: float = 0.08) -> torch.Tensor:
+    """Pixels that differ from a uniform background by more than ``threshold`` in any channel (B, H, W)."""
+    return (images - background).abs().amax(1) > threshold
+
+
+def hsv_saturation_value(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HSV saturation and value per pixel, each (B, H, W)."""
+    mx, mn = images.amax(1), images.amin(1)
+    return (mx - mn) / mx.clamp_min(1e-6), mx
+
+
+def color_stats(images: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Mean saturation and value of masked (object) pixels and the share of them that is clipped.
+
+    A pixel is clipped when any channel is at 0 or 1 (within 1/255): what strong guidance does to
+    colours shows up here as over-saturation or as washed-out blotches.
+    """
+    m = _mask(mask)
+    if not m.any():
+        return {"saturation": float("nan"), "value": float("nan"), "clipped": float("nan"), "coverage": 0.0}
+    s, v = hsv_saturation_value(images)
+    px = images.permute(0, 2, 3, 1)[m]
+    clipped = ((px <= 1 / 255) | (px >= 254 / 255)).any(-1).float().mean()
+    return {
+        "saturation": float(s[m].mean()),
+        "value": float(v[m].mean()),
+        "clipped": float(clipped),
+        "coverage": float(m.float().mean()),
+    }
+
+
+def floater_score(alpha: torch.Tensor, threshold: float = 0.5) -> float:
+    """Share of rendered alpha outside the largest 8-connected component of ``alpha > threshold``,
+    averaged over views. 0 for one solid object; near 1 for dust everywhere."""
+    a = (alpha[:, 0] if alpha.dim() == 4 else alpha).detach().float().cpu().numpy()
+    scores = []
+    for view in a:
+        total = view.sum()
+        if total <= 1e-8:
+            scores.append(0.0)
+            continue
+        labels, n = ndimage.label(view > threshold, structure=np.ones((3, 3)))
+        if n == 0:
+            scores.append(1.0)
+            continue
+        sizes = ndimage.sum(view, labels, index=np.arange(1, n + 1))
+        main = labels == (int(np.argmax(sizes)) + 1)
+        scores.append(float(view[~main].sum() / total))
+    return float(np.mean(scores))
+
+
+def saturation_error(images: torch.Tensor, mask: torch.Tensor, reference: dict[str, float]) -> float:
+    """Mean object saturation minus the reference's (signed: > 0 over-saturated, < 0 washed out)."""
+    return color_stats(images, mask)["saturation"] - reference["saturation"]

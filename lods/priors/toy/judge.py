@@ -1,0 +1,165 @@
+"""The judge: a small CNN that names the colour and shape of every object in a toy-world image.
+
+It is the alignment metric of the toy prior: an image is judged right for a caption when the set of
+(colour, shape) pairs it detects equals the caption's set. It is trained on world renders of every
+combination (held-out ones included: it is a measuring instrument, not a generator).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from lods.priors.toy.world import COMBOS, GROUNDS, parse_caption
+
+JUDGE_PATH = Path(__file__).parent / "weights" / "judge.safetensors"
+GROUND_CLASSES = ("none",) + GROUNDS
+
+
+class Judge(nn.Module):
+    """64x64 RGB in [0, 1] -> 48 multi-label (colour, shape) logits and 3 ground logits."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        layers: list[nn.Module] = []
+        chans = [3, w, 2 * w, 4 * w, 4 * w]
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.GroupNorm(8, cout),
+                nn.SiLU(),
+                nn.Conv2d(cout, cout, 3, padding=1, stride=2),
+                nn.SiLU(),
+            ]
+        self.body = nn.Sequential(*layers)
+        self.combo_head = nn.Linear(4 * w * 2, len(COMBOS))
+        self.ground_head = nn.Linear(4 * w * 2, len(GROUND_CLASSES))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, 8w): mean and max over space; used for the artifact score too."""
+        h = self.body(images * 2 - 1)
+        return torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(images)
+        return self.combo_head(f), self.ground_head(f)
+
+
+def targets(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    combo = torch.zeros(len(captions), len(COMBOS))
+    ground = torch.zeros(len(captions), dtype=torch.long)
+    for i, c in enumerate(captions):
+        scene = parse_caption(c)
+        for pair in scene.combos:
+            combo[i, COMBOS.index(pair)] = 1
+        ground[i] = GROUND_CLASSES.index(scene.ground or "none")
+    return combo, ground
+
+
+def detected_sets(combo_logits: torch.Tensor) -> list[frozenset[tuple[str, str]]]:
+    """The (colour, shape) pairs above 0.5; the single most likely one when none is."""
+    out = []
+    for row in torch.sigmoid(combo_logits):
+        idx = (row > 0.5).nonzero().flatten().tolist() or [int(row.argmax())]
+        out.append(frozenset(COMBOS[i] for i in idx))
+    return out
+
+
+@torch.no_grad()
+def judge_images(judge: Judge, images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+    """Per image: ``objects_right`` (bool), ``ground_right`` (bool), ``confidence`` (mean prob of the
+    caption's pairs)."""
+    judge.eval()
+    combo_logits, ground_logits = judge(images.float().clamp(0, 1))
+    sets = detected_sets(combo_logits)
+    combo_t, ground_t = targets(captions)
+    objects_right = torch.tensor([s == frozenset(parse_caption(c).combos) for s, c in zip(sets, captions)])
+    ground_right = ground_logits.argmax(1) == ground_t
+    probs = torch.sigmoid(combo_logits)
+    confidence = (probs * combo_t).sum(1) / combo_t.sum(1)
+    return {"objects_right": objects_right, "ground_right": ground_right, "confidence": confidence}
+
+
+def load_judge(path: str | Path = JUDGE_PATH) -> Judge:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"judge weights not found at {path}; train them with `python -m lods toy-prior judge --train`"
+        )
+    judge = Judge()
+    judge.load_state_dict(load_file(str(path)))
+    return judge.eval()
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    b = len(x)
+    contrast = 1 + 0.3 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
+    x = (x - 0.5) * contrast + 0.5 + 0.05 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
+    x = x + torch.randn(x.shape, generator=gen) * 0.04 * torch.rand(b, 1, 1, 1, generator=gen)
+    if random.random() < 0.3:
+        x = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return x.clamp(0, 1)
+
+
+def train_judge(
+    data: dict, out: str | Path = JUDGE_PATH, minutes: float = 10.0, batch: int = 64, seed: int = 0
+) -> Judge:
+    """Train on cached renders (``rgb`` uint8, ``captions``) for a time budget; saves safetensors."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    judge = Judge()
+    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
+    combo_t, ground_t = targets(data["captions"])
+    rgb = data["rgb"]
+    budget, elapsed = minutes * 60, 0.0
+    bar = tqdm(total=int(budget), desc="judge", unit="s")
+    while elapsed < budget:
+        t0 = time.time()
+        for g in opt.param_groups:
+            g["lr"] = 2e-3 * max(0.05, 1 - elapsed / budget)
+        idx = torch.randint(len(rgb), (batch,), generator=gen)
+        x = _augment(rgb[idx].float() / 255, gen)
+        combo_logits, ground_logits = judge(x)
+        loss = F.binary_cross_entropy_with_logits(combo_logits, combo_t[idx]) * 10 + F.cross_entropy(
+            ground_logits, ground_t[idx]
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        elapsed += time.time() - t0
+        bar.update(int(elapsed) - bar.n)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(tmp))
+    tmp.replace(out)
+    return judge.eval()
+
+
+def evaluate_on_renders(judge: Judge, data: dict) -> dict:
+    """Accuracy of the judge on renders it was not trained on, by category."""
+    results: dict[str, list[bool]] = {}
+    for i in range(0, len(data["captions"]), 256):
+        caps = data["captions"][i : i + 256]
+        r = judge_images(judge, data["rgb"][i : i + 256].float() / 255, caps)
+        for c, ok, gok in zip(caps, r["objects_right"].tolist(), r["ground_right"].tolist()):
+            results.setdefault(parse_caption(c).category, []).append(ok and gok)
+    report = {k: sum(v) / len(v) for k, v in results.items()}
+    report["all"] = sum(sum(v) for v in results.values()) / sum(len(v) for v in results.values())
+    return report
+
+
+def save_report(report: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report, indent=2))

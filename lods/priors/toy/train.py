@@ -1,0 +1,294 @@
+"""Training of the embedded prior: an AutoencoderKL, then a text-conditioned latent UNet.
+
+Stage 1 trains a small ``AutoencoderKL`` on world renders (64x64 RGB -> 16x16x4 latents).
+Stage 2 encodes the cache once, then trains a ``UNet2DConditionModel`` together with a small
+``CLIPTextModel`` with Stable Diffusion's noise schedule (scaled-linear betas 0.00085-0.012,
+1000 steps, epsilon prediction) and 10% caption dropout so that classifier-free guidance works.
+Both stages checkpoint atomically and resume. The result is saved as a Stable-Diffusion-format
+pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+``scheduler/``), in float16 safetensors, that loads offline with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tqdm import tqdm
+
+from lods.priors.toy.data import load_cache
+from lods.priors.toy.text import MAX_LENGTH, build_text_encoder, build_tokenizer
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+@dataclass
+class ToyTrainConfig:
+    cache: str = ".cache/toy-world"
+    work: str = ".cache/toy-train"
+    out: str = str(WEIGHTS_DIR)
+    vae_minutes: float = 12.0
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    unet_minutes: float = 90.0
+    unet_batch: int = 32
+    unet_lr: float = 4e-4
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    checkpoint_every_s: float = 120.0
+    seed: int = 0
+    threads: int = 0  # 0: torch's default
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=64,
+        mid_block_add_attention=False,
+    )
+
+
+def build_unet(cross_attention_dim: int) -> UNet2DConditionModel:
+    """Attention only at 8x8 and 4x4; about 25 ms per batch-1 forward on a 2-core CPU."""
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=32,
+        norm_num_groups=32,
+    )
+
+
+def sd_scheduler() -> DDPMScheduler:
+    """Stable Diffusion's training schedule."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _images(rgb_u8: torch.Tensor) -> torch.Tensor:
+    return rgb_u8.float() / 127.5 - 1.0
+
+
+def train_vae(cfg: ToyTrainConfig, data: dict) -> AutoencoderKL:
+    """Stage 1: reconstruction (L1 + L2) with a tiny KL term; resumes from ``work/vae.pt``."""
+    work = Path(cfg.work)
+    ckpt_path = work / "vae.pt"
+    torch.manual_seed(cfg.seed)
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    elapsed = 0.0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path)
+        vae.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        elapsed = ck["elapsed"]
+    budget = cfg.vae_minutes * 60
+    rgb = data["rgb"]
+    n_test = 256
+    train_rgb, test_rgb = rgb[n_test:], rgb[:n_test]
+    gen = torch.Generator().manual_seed(cfg.seed + int(elapsed))
+    bar = tqdm(total=int(budget), initial=int(min(elapsed, budget)), desc="vae", unit="s")
+    last_ck = time.time()
+    while elapsed < budget:
+        t0 = time.time()
+        for g in opt.param_groups:
+            g["lr"] = cfg.vae_lr * max(0.1, 1 - elapsed / budget)
+        x = _images(train_rgb[torch.randint(len(train_rgb), (cfg.vae_batch,), generator=gen)])
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = (rec - x).abs().mean() + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        dt = time.time() - t0
+        elapsed += dt
+        bar.update(int(elapsed) - bar.n)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if time.time() - last_ck > cfg.checkpoint_every_s or elapsed >= budget:
+            _save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "elapsed": elapsed}, ckpt_path)
+            last_ck = time.time()
+    bar.close()
+    vae.eval()
+    with torch.no_grad():
+        x = _images(test_rgb)
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = F.mse_loss((rec + 1) / 2, (x + 1) / 2).item()
+    psnr = -10 * torch.log10(torch.tensor(mse)).item()
+    (work / "vae_report.json").write_text(json.dumps({"psnr_db": psnr, "minutes": elapsed / 60}))
+    print(f"vae: reconstruction PSNR on held-out renders {psnr:.2f} dB after {elapsed / 60:.1f} min")
+    return vae
+
+
+@torch.no_grad()
+def encode_cache(vae: AutoencoderKL, data: dict, path: Path) -> dict:
+    """Posterior mean and std of every render (computed once, cached to disk)."""
+    if path.exists():
+        return torch.load(path)
+    means, stds = [], []
+    for i in tqdm(range(0, len(data["rgb"]), 256), desc="encoding cache"):
+        post = vae.encode(_images(data["rgb"][i : i + 256])).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    mean, std = torch.cat(means), torch.cat(stds)
+    scaling = float(1.0 / mean.flatten().std())
+    out = {"mean": mean, "std": std, "scaling_factor": scaling}
+    _save_atomic(out, path)
+    return out
+
+
+def train_unet(cfg: ToyTrainConfig, data: dict, latents: dict) -> tuple[UNet2DConditionModel, torch.nn.Module]:
+    """Stage 2: epsilon-prediction loss, caption dropout, EMA; resumes from ``work/unet.pt``."""
+    work = Path(cfg.work)
+    ckpt_path = work / "unet.pt"
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_tokenizer()
+    text_encoder = build_text_encoder(len(tokenizer))
+    unet = build_unet(text_encoder.config.hidden_size)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    sched = sd_scheduler()
+    alphas = sched.alphas_cumprod
+    step, elapsed = 0, 0.0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path)
+        unet.load_state_dict(ck["unet"])
+        text_encoder.load_state_dict(ck["text"])
+        ema_unet.load_state_dict(ck["ema_unet"])
+        ema_text.load_state_dict(ck["ema_text"])
+        opt.load_state_dict(ck["opt"])
+        step, elapsed = ck["step"], ck["elapsed"]
+    keep = (~data["held_out"]).nonzero().squeeze(1)
+    captions = data["captions"]
+    ids = tokenizer(
+        captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
+    null_ids = tokenizer([""], padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids
+    scaling = latents["scaling_factor"]
+    budget = cfg.unet_minutes * 60
+    gen = torch.Generator().manual_seed(cfg.seed + step)
+    bar = tqdm(total=int(budget), initial=int(min(elapsed, budget)), desc="unet", unit="s")
+    last_ck = time.time()
+    while elapsed < budget:
+        t0 = time.time()
+        warm = min(1.0, step / 500)
+        for g in opt.param_groups:
+            g["lr"] = (
+                cfg.unet_lr
+                * warm
+                * (0.5 * (1 + torch.cos(torch.tensor(torch.pi * elapsed / budget)).item()) * 0.9 + 0.1)
+            )
+        idx = keep[torch.randint(len(keep), (cfg.unet_batch,), generator=gen)]
+        z0 = (
+            latents["mean"][idx] + latents["std"][idx] * torch.randn(latents["mean"][idx].shape, generator=gen)
+        ) * scaling
+        batch_ids = ids[idx].clone()
+        drop = torch.rand(len(idx), generator=gen) < cfg.caption_dropout
+        batch_ids[drop] = null_ids
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, 1000, (len(idx),), generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        emb = text_encoder(batch_ids).last_hidden_state
+        loss = F.mse_loss(unet(zt, t, emb).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
+                for pe, pl in zip(ema.parameters(), live.parameters()):
+                    pe.lerp_(pl, 1 - decay)
+        elapsed += time.time() - t0
+        bar.update(int(elapsed) - bar.n)
+        bar.set_postfix(step=step, loss=f"{loss.item():.4f}")
+        if time.time() - last_ck > cfg.checkpoint_every_s or elapsed >= budget:
+            _save_atomic(
+                {
+                    "unet": unet.state_dict(),
+                    "text": text_encoder.state_dict(),
+                    "ema_unet": ema_unet.state_dict(),
+                    "ema_text": ema_text.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "elapsed": elapsed,
+                },
+                ckpt_path,
+            )
+            last_ck = time.time()
+    bar.close()
+    print(f"unet: {step} steps in {elapsed / 60:.1f} min")
+    return ema_unet, ema_text
+
+
+def export_pipeline(
+    vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: torch.nn.Module, scaling_factor: float, out: Path
+) -> Path:
+    """Save a Stable-Diffusion-format pipeline in float16 safetensors."""
+    vae.register_to_config(scaling_factor=scaling_factor)
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(vae).half(),
+        text_encoder=copy.deepcopy(text_encoder).half(),
+        tokenizer=build_tokenizer(),
+        unet=copy.deepcopy(unet).half(),
+        scheduler=DDIMScheduler.from_config(sd_scheduler().config, set_alpha_to_one=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def train(cfg: ToyTrainConfig) -> Path:
+    """Both stages then the export; every stage resumes from ``cfg.work``."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    work = Path(cfg.work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    paths = sorted(Path(cfg.cache).glob("chunk_*.pt"))
+    if not paths:
+        raise FileNotFoundError(f"no rendered chunks in {cfg.cache}; run `python -m lods toy-prior render` first")
+    data = load_cache(paths)
+    print(
+        f"training on {len(data['captions'])} renders ({int(data['held_out'].sum())} held-out ones unused by the UNet)"
+    )
+    vae = train_vae(cfg, data)
+    latents = encode_cache(vae, data, work / f"latents_{len(paths)}.pt")
+    unet, text_encoder = train_unet(cfg, data, latents)
+    return export_pipeline(vae, unet, text_encoder, latents["scaling_factor"], Path(cfg.out))

@@ -1,0 +1,258 @@
+"""``generate`` and ``edit``: a run from the command line, with a progress bar and the contract's files.
+
+``--out DIR`` receives ``config.yaml`` (fully resolved), ``metrics.jsonl`` (one JSON object per logged
+step), ``summary.json``, ``checkpoint.pt`` and the result: ``image.png`` (image), ``scene.ply`` (gs) or
+``mesh.glb`` (nerf), plus ``turntable.mp4`` and ``views.png`` for 3D.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from lods import export
+from lods.cameras import turntable
+from lods.errors import UserError
+from lods.export import atomic_path
+from lods.scenes.image import ImageScene
+from lods.trainer import RunConfig, Trainer
+
+PRESETS = {
+    # Defaults per backbone on the embedded prior (CPU-friendly); YAML files in examples/ override them.
+    "gs": {"steps": 600, "batch": 4},
+    "nerf": {"steps": 600, "batch": 1},
+    "image": {"steps": 500, "batch": 1, "cfg": 100.0},
+}
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Merge, in order: backbone preset, ``--resume`` folder's config, ``--config`` YAML, flags, ``--set``."""
+    cfg: dict[str, Any] = {}
+    resume = getattr(args, "resume", None)
+    if resume:
+        path = Path(resume) / "config.yaml"
+        if not path.exists():
+            raise UserError(f"{resume} has no config.yaml to resume from")
+        cfg.update(yaml.safe_load(path.read_text()))
+    if args.config:
+        path = Path(args.config)
+        if not path.exists():
+            raise UserError(f"config file {path} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path} must hold a mapping of config keys")
+        cfg.update(loaded)
+    flags = {
+        "prompt": args.prompt,
+        "prior": args.prior,
+        "method": args.method,
+        "cfg": args.cfg,
+        "steps": args.steps,
+        "seed": args.seed,
+        "device": args.device,
+        "learned_lr": args.learned_lr,
+        "negative_prompt": args.negative_prompt,
+        "backbone": getattr(args, "backbone", None),
+    }
+    cfg.update({k: v for k, v in flags.items() if v is not None})
+    if args.command == "edit":
+        cfg.update(backbone="image", source_prompt=args.source_prompt)
+        cfg.setdefault("method", "dds")
+    if args.lr is not None:
+        cfg.setdefault("lr", {})
+        cfg["lr"] = {**cfg["lr"], "__all__": args.lr}
+    for item in args.set:
+        if "=" not in item:
+            raise UserError(f"--set expects KEY=VALUE, not {item!r}")
+        key, value = item.split("=", 1)
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = _parse_value(value)
+    backbone = cfg.get("backbone", "gs")
+    for k, v in PRESETS.get(backbone, {}).items():
+        cfg.setdefault(k, v)
+    return cfg
+
+
+def _resolve_lr(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
+    """``--lr X``: the image's learning rate (2D), or a multiplier of every scene learning rate (3D)."""
+    lr = dict(trainer_cfg.get("lr") or {})
+    if "__all__" in lr:
+        value = lr.pop("__all__")
+        if trainer_cfg.get("backbone") == "image":
+            lr["image"] = value
+        else:
+            trainer_cfg["lr_scale"] = value
+    trainer_cfg["lr"] = lr
+    return trainer_cfg
+
+
+def load_image(path: str | Path, size: int) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(path).convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+    except FileNotFoundError as err:
+        raise UserError(f"image {path} not found") from err
+    except UnidentifiedImageError as err:
+        raise UserError(f"{path} is not an image file") from err
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    cfg_dict = _resolve_lr(config_from_args(args))
+    try:
+        config = RunConfig.from_dict(cfg_dict)
+    except TypeError as err:
+        raise UserError(f"bad config: {err}") from err
+    config.validate()
+    out = Path(args.out)
+    init_image = None
+    if args.command == "edit":
+        from lods.trainer import load_prior
+
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        prior = load_prior(config.prior, device)
+        init_image = load_image(args.image, prior.image_size)
+        trainer = Trainer(config, prior=prior, out_dir=out, init_image=init_image)
+    else:
+        trainer = Trainer(config, out_dir=out)
+    if getattr(args, "resume", None):
+        ck = Path(args.resume) / "checkpoint.pt"
+        if not ck.exists():
+            raise UserError(f"{args.resume} has no checkpoint.pt to resume from")
+        trainer.load_checkpoint(ck)
+    return run_and_export(trainer, out)
+
+
+def run_and_export(trainer: Trainer, out: Path, show_progress: bool = True) -> int:
+    """Train with a progress bar, then write the contract's files into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(asdict(trainer.config), sort_keys=False))
+    start_step, t0 = trainer.step, time.perf_counter()
+    bar = tqdm(
+        total=trainer.config.steps,
+        initial=trainer.step,
+        desc=trainer.config.method,
+        unit="it",
+        disable=not show_progress,
+    )
+
+    def progress(step: int, total: int, stats: dict) -> None:
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(cfg=stats["cfg"], t=int(stats.get("t", 0)), loss=f"{stats['loss']:.3g}")
+
+    status = trainer.run(progress)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    results = export_results(trainer, out)
+    summary = {
+        "prompt": trainer.config.prompt,
+        "method": trainer.config.method,
+        "backbone": trainer.config.backbone,
+        "prior": trainer.config.prior,
+        "cfg": trainer.config.cfg,
+        "steps": trainer.step,
+        "seconds": round(seconds, 3),
+        "it_per_s": round((trainer.step - start_step) / max(seconds, 1e-9), 3),
+        "status": status,
+        "message": trainer.message,
+        "device": str(trainer.device),
+        "final_metrics": results.pop("metrics"),
+        "files": results,
+    }
+    with atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, default=_json_default))
+    with atomic_path(out / "metrics.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(h, default=_json_default) + "\n" for h in trainer.history))
+    if status == "diverged":
+        raise UserError(trainer.message)
+    print(f"{status}: {trainer.step} steps in {seconds:.1f} s; results in {out}")
+    return 0
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    return str(v)
+
+
+@torch.no_grad()
+def export_results(trainer: Trainer, out: Path, views: int = 8, video_frames: int = 60) -> dict[str, Any]:
+    """Write the result files of a run; returns their names and the final metrics."""
+    from lods import metrics
+
+    files: dict[str, Any] = {}
+    scene = trainer.scene
+    if isinstance(scene, ImageScene):
+        image = scene.image(trainer.prior).cpu()
+        export.write_png(out / "image.png", export.to_uint8_frames(image)[0])
+        files["image"] = "image.png"
+        cs = metrics.color_stats(image, metrics.foreground_mask(image))
+        files["metrics"] = {k: cs[k] for k in ("saturation", "value", "clipped")}
+        return files
+    size = trainer.resolution
+    grid_out = trainer.render_views(turntable(views, size))
+    export.write_png(out / "views.png", export.image_grid(grid_out.rgb.float().cpu(), cols=views))
+    files["views"] = "views.png"
+    frames = [trainer.render_views(turntable(video_frames, size * 2)).rgb.float().cpu()]
+    export.write_video(out / "turntable.mp4", export.to_uint8_frames(torch.cat(frames)), fps=24)
+    files["video"] = "turntable.mp4"
+    if hasattr(scene, "ply_attributes"):
+        export.write_gaussians_ply(out / "scene.ply", **scene.ply_attributes())
+        files["scene"] = "scene.ply"
+    if trainer.config.backbone == "nerf":
+        from lods.scenes.nerf import extract_mesh
+
+        v, f, c = extract_mesh(scene)
+        export.write_mesh_glb(out / "mesh.glb", v, f, c)
+        files["mesh"] = "mesh.glb"
+    rgb, alpha = grid_out.rgb.float().cpu(), grid_out.alpha.float().cpu()
+    cs = metrics.color_stats(rgb, alpha[:, 0] > 0.5)
+    files["metrics"] = {
+        "saturation": cs["saturation"],
+        "value": cs["value"],
+        "clipped": cs["clipped"],
+        "floater_score": metrics.floater_score(alpha),
+    }
+    files["metrics"].update(alignment_metrics(trainer.config.prompt, trainer.config.prior, rgb))
+    return files
+
+
+def alignment_metrics(prompt: str, prior: str, images: torch.Tensor) -> dict[str, float]:
+    """The toy judge's verdict over the views, when the prompt is a toy-world caption."""
+    if prior != "toy":
+        return {}
+    from lods.priors.toy.judge import judge_images, load_judge
+    from lods.priors.toy.world import parse_caption
+
+    try:
+        parse_caption(prompt)
+        judge = load_judge()
+    except (ValueError, FileNotFoundError):
+        return {}
+    r = judge_images(judge, images, [prompt] * len(images))
+    return {"alignment": float(r["objects_right"].float().mean()), "views_judged_right": int(r["objects_right"].sum())}
