@@ -32,30 +32,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 def write_gaussians_ply(
     path: str | Path,
-    means: np.ndarray,
+    xyz: np.ndarray,
     f_dc: np.ndarray,
     f_rest: np.ndarray,
-    opacity_logit: np.ndarray,
-    log_scales: np.ndarray,
-    quats_wxyz: np.ndarray,
+    opacity: np.ndarray,
+    scale: np.ndarray,
+    rotation: np.ndarray,
+    normals: np.ndarray | None = None,
 ) -> Path:
     """Write Gaussians in the standard 3DGS layout read by common splat viewers and ``gr.Model3D``.
 
-    ``f_dc`` is (N, 3) (the degree-0 SH coefficients), ``f_rest`` (N, K-1, 3) for the higher degrees
-    (stored channel-major as ``f_rest_{c*(K-1)+k}``, as 3DGS does), ``opacity_logit`` (N,) or (N, 1),
-    ``log_scales`` (N, 3), ``quats_wxyz`` (N, 4).
+    ``xyz`` (N, 3); ``f_dc`` (N, 3) degree-0 SH; ``f_rest`` (N, 3 * (K - 1)) the higher SH coefficients,
+    channel-major (all red, then green, then blue, as 3DGS stores them); ``opacity`` (N,) or (N, 1) logits;
+    ``scale`` (N, 3) log scales; ``rotation`` (N, 4) quaternions wxyz. The keyword names match
+    ``GaussianScene.to_ply_attributes()``.
     """
     from plyfile import PlyData, PlyElement
 
-    n = len(means)
-    rest = np.asarray(f_rest, np.float32).reshape(n, -1, 3).transpose(0, 2, 1).reshape(n, -1)
-    columns = [("x", means[:, 0]), ("y", means[:, 1]), ("z", means[:, 2])]
-    columns += [(f"n{a}", np.zeros(n)) for a in "xyz"]
+    n = len(xyz)
+    f_rest = np.asarray(f_rest, np.float32).reshape(n, -1)
+    columns = [("x", xyz[:, 0]), ("y", xyz[:, 1]), ("z", xyz[:, 2])]
+    normals = np.zeros((n, 3), np.float32) if normals is None else normals
+    columns += [(f"n{a}", normals[:, i]) for i, a in enumerate("xyz")]
     columns += [(f"f_dc_{i}", f_dc[:, i]) for i in range(3)]
-    columns += [(f"f_rest_{i}", rest[:, i]) for i in range(rest.shape[1])]
-    columns += [("opacity", np.asarray(opacity_logit).reshape(n))]
-    columns += [(f"scale_{i}", log_scales[:, i]) for i in range(3)]
-    columns += [(f"rot_{i}", quats_wxyz[:, i]) for i in range(4)]
+    columns += [(f"f_rest_{i}", f_rest[:, i]) for i in range(f_rest.shape[1])]
+    columns += [("opacity", np.asarray(opacity).reshape(n))]
+    columns += [(f"scale_{i}", scale[:, i]) for i in range(3)]
+    columns += [(f"rot_{i}", rotation[:, i]) for i in range(4)]
     data = np.empty(n, dtype=[(name, "f4") for name, _ in columns])
     for name, values in columns:
         data[name] = np.asarray(values, np.float32)

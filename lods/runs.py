@@ -221,8 +221,8 @@ def export_results(trainer: Trainer, out: Path, views: int = 8, video_frames: in
     frames = [trainer.render_views(turntable(video_frames, size * 2)).rgb.float().cpu()]
     export.write_video(out / "turntable.mp4", export.to_uint8_frames(torch.cat(frames)), fps=24)
     files["video"] = "turntable.mp4"
-    if hasattr(scene, "ply_attributes"):
-        export.write_gaussians_ply(out / "scene.ply", **scene.ply_attributes())
+    if hasattr(scene, "to_ply_attributes"):
+        export.write_gaussians_ply(out / "scene.ply", **scene.to_ply_attributes())
         files["scene"] = "scene.ply"
     if trainer.config.backbone == "nerf":
         from lods.scenes.nerf import extract_mesh

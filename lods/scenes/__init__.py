@@ -1,0 +1,1 @@
+"""Differentiable scenes: Gaussian splats, NeRF, and the 2D image."""
