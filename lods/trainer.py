@@ -167,7 +167,8 @@ class Trainer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
         self.on_snapshot = on_snapshot
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # guards knobs and the published snapshot (held for microseconds)
+        self.scene_lock = threading.Lock()  # guards the live scene: held by a training step and by renders
         self.knobs = Knobs(cfg=config.cfg, scene_lr_scale=config.lr_scale, learned_lr=config.learned_lr)
         self.knob_changes: list[dict[str, Any]] = []
         self.history: list[dict[str, float]] = []
@@ -364,7 +365,8 @@ class Trainer:
                     paused = self.knobs.paused
                 if paused:
                     continue
-                stats = self.train_step()
+                with self.scene_lock:
+                    stats = self.train_step()
                 problem = self._guard(stats)
                 if problem:
                     self.status, self.message = (
@@ -405,11 +407,29 @@ class Trainer:
         """Renders (display resolution) of the scene from ``cameras``; the image itself for 2D runs."""
         if isinstance(self.scene, ImageScene):
             return self.scene.render(prior=self.prior)
-        return self.scene.render(cameras.to(self.device), self._background(len(cameras)))
+        # Eval mode (no jitter) and a forked RNG: previews must not change the training run's random stream.
+        was_training = self.scene.training
+        self.scene.eval()
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                return self.scene.render(cameras.to(self.device), self._background(len(cameras)))
+        finally:
+            self.scene.train(was_training)
+
+    @torch.no_grad()
+    def render_camera(self, c2w: np.ndarray, fovy: float, width: int, height: int) -> np.ndarray:
+        """One view (H, W, 3) uint8 for a viewer: OpenCV camera-to-world ``c2w``, vertical fov in radians."""
+        cams = Cameras(torch.as_tensor(c2w, dtype=torch.float32)[None], torch.tensor([float(fovy)]),
+                       torch.zeros(1), torch.zeros(1), torch.zeros(1), int(width), int(height))
+        with self.scene_lock:
+            rgb = self.render_views(cams).rgb.float().cpu()
+        return (rgb[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
     @torch.no_grad()
     def publish(self) -> Snapshot:
-        out = self.render_views(self.preview_cameras)
+        with self.scene_lock:
+            out = self.render_views(self.preview_cameras)
+            gauss = self.scene.viewer_gaussians() if hasattr(self.scene, "viewer_gaussians") else None
         rgb, alpha = out.rgb.float().cpu(), out.alpha.float().cpu()
         if self.history:
             obj = alpha[:, 0] > 0.5 if not isinstance(self.scene, ImageScene) else metrics.foreground_mask(rgb)
@@ -418,7 +438,6 @@ class Trainer:
             self.history[-1]["clipped"] = cs["clipped"]
             if not isinstance(self.scene, ImageScene):
                 self.history[-1]["floater_score"] = metrics.floater_score(alpha)
-        gauss = self.scene.viewer_gaussians() if hasattr(self.scene, "viewer_gaussians") else None
         with self.lock:
             self.snapshot = Snapshot(
                 step=self.step,
@@ -519,10 +538,14 @@ def build_scene(
             from lods.scenes.gaussians import GaussianConfig, GaussianScene
 
             return GaussianScene(GaussianConfig(**config.gaussians), generator=generator).to(device)
+        from lods.scenes.hashgrid import HashGridConfig
         from lods.scenes.nerf import NerfConfig, NerfScene
 
-        return NerfScene(NerfConfig(**config.nerf)).to(device)
-    except TypeError as err:
+        nerf = dict(config.nerf)
+        if isinstance(nerf.get("grid"), dict):
+            nerf["grid"] = HashGridConfig(**nerf["grid"])
+        return NerfScene(NerfConfig(**nerf), device=device)
+    except (TypeError, ValueError) as err:
         raise UserError(f"bad {config.backbone} settings: {err}") from err
 
 

@@ -1,0 +1,72 @@
+"""Open a finished result folder in the viewer: ``python -m viewer runs/my-run [--port 8080]``.
+
+Shows ``scene.ply`` (a Gaussian-splat run) or else ``mesh.glb`` (a NeRF run) until Ctrl-C. A path
+to one of those files works too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from viewer.ply import read_gaussians_ply
+from viewer.server import ViewerServer
+
+RESULT_FILES = ("scene.ply", "mesh.glb")
+
+
+def find_result(path: Path) -> Path:
+    """The file to show: ``path`` itself, or the first of ``RESULT_FILES`` inside the folder."""
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist")
+    for name in RESULT_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"{path} has neither {' nor '.join(RESULT_FILES)}; is it a finished 3D run?")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m viewer", description=__doc__.splitlines()[0])
+    parser.add_argument("result", type=Path, help="a result folder (or its scene.ply / mesh.glb)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 to share on the network")
+    parser.add_argument("--port", type=int, default=8080, help="port to try first (the next free one is used)")
+    args = parser.parse_args(argv)
+
+    try:
+        path = find_result(args.result)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    viewer = ViewerServer(host=args.host, port=args.port, label=f"LODS Studio: {path.parent.name or path.name}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop cleanly when a service manager ends us
+    try:
+        if path.suffix.lower() == ".ply":
+            gaussians = read_gaussians_ply(path)
+            viewer.show_gaussians(gaussians)
+            what = f"{len(gaussians['means']):,} Gaussians"
+        else:
+            import trimesh
+
+            mesh = trimesh.load(str(path), force="mesh")
+            viewer.show_mesh(mesh)
+            what = f"a mesh of {len(mesh.faces):,} faces"
+        viewer.set_status(f"{path.name}: {what}")
+        print(f"Showing {what} from {path} at {viewer.url} (Ctrl-C to quit)")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        viewer.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
