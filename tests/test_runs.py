@@ -232,3 +232,15 @@ def test_inf_cfg_runs_for_lods(tiny_prior):
     tr = Trainer(image_config(cfg=math.inf, steps=2), prior=tiny_prior)
     assert tr.run() == "done"
     assert math.isinf(tr.history[-1]["cfg"])
+
+
+def test_bench_guidance_counts_match_fig3(tiny_prior):
+    from lods.bench import bench_guidance
+
+    rows = {r["method"]: r for r in bench_guidance(tiny_prior, steps=1)}
+    sds, lods_e, lods_l, vsd = rows["sds"], rows["lods-embed"], rows["lods-lora"], rows["vsd"]
+    for lods_row in (lods_e, lods_l):
+        assert lods_row["unet_forward"] == sds["unet_forward"] + 1
+        assert lods_row["unet_backward"] == sds["unet_backward"] + 1
+    assert vsd["unet_forward"] + vsd["unet_backward"] > lods_e["unet_forward"] + lods_e["unet_backward"]
+    assert all(r["seconds_per_step"] > 0 for r in rows.values())
