@@ -35,8 +35,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompts", nargs="+", default=["a red cube", "a blue sphere", "a green torus",
-                                                         "a yellow cone on grass"])
+    parser.add_argument(
+        "--prompts", nargs="+", default=["a red cube", "a blue sphere", "a green torus", "a yellow cone on grass"]
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -46,19 +47,36 @@ def main() -> None:
     for prompt in args.prompts:
         ref = world_reference(prompt)
         tiles.append(render_captions([prompt], seed=5).rgb)
-        rows.append({"prompt": prompt, "setting": "world renders", **{k: ref[k] for k in ("saturation", "value",
-                                                                                             "clipped")}})
+        rows.append(
+            {"prompt": prompt, "setting": "world renders", **{k: ref[k] for k in ("saturation", "value", "clipped")}}
+        )
         for method, cfg, lr in SETTINGS:
-            config = RunConfig(prompt=prompt, backbone="image", method=method, cfg=cfg, steps=args.steps,
-                               seed=args.seed, device="cpu", batch=1, learned_lr=lr, snapshot_every=10**9)
+            config = RunConfig(
+                prompt=prompt,
+                backbone="image",
+                method=method,
+                cfg=cfg,
+                steps=args.steps,
+                seed=args.seed,
+                device="cpu",
+                batch=1,
+                learned_lr=lr,
+                snapshot_every=10**9,
+            )
             trainer = Trainer(config, prior=prior)
             trainer.run()
             image = trainer.scene.image(prior).cpu()
             tiles.append(image)
             stats = metrics.color_stats(image, metrics.foreground_mask(image))
             right = bool(judge_images(judge, image, [prompt])["objects_right"][0])
-            rows.append({"prompt": prompt, "setting": f"{method} cfg {cfg:g}", "judged_right": right,
-                         **{k: stats[k] for k in ("saturation", "value", "clipped")}})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "setting": f"{method} cfg {cfg:g}",
+                    "judged_right": right,
+                    **{k: stats[k] for k in ("saturation", "value", "clipped")},
+                }
+            )
             print(rows[-1])
     write_png(out / "grid.png", image_grid(torch.cat(tiles), cols=1 + len(SETTINGS)))
     (out / "results.json").write_text(json.dumps(rows, indent=2))
@@ -67,7 +85,9 @@ def main() -> None:
         sel = [r for r in rows if r["setting"] == setting]
         mean = {k: sum(r[k] for r in sel) / len(sel) for k in ("saturation", "value", "clipped")}
         right = f"{sum(r['judged_right'] for r in sel)}/{len(sel)}" if "judged_right" in sel[0] else "-"
-        lines.append(f"| {setting} | {mean['saturation']:.3f} | {mean['value']:.3f} | {mean['clipped']:.3f} | {right} |")
+        lines.append(
+            f"| {setting} | {mean['saturation']:.3f} | {mean['value']:.3f} | {mean['clipped']:.3f} | {right} |"
+        )
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

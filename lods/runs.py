@@ -165,6 +165,7 @@ def run_and_export(trainer: Trainer, out: Path, show_progress: bool = True) -> i
 
     status = trainer.run(progress)
     bar.close()
+    trainer.close()
     seconds = time.perf_counter() - t0
     results = export_results(trainer, out)
     summary = {

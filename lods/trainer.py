@@ -329,7 +329,8 @@ class Trainer:
         stats = {"step": self.step, "loss": float(g.loss.detach()), "scene_grad_norm": scene_grad, **g.stats}
         stats.update({f"update_{k}" if not k.startswith("update") else k: v for k, v in update.items()})
         stats.update({f"scene_{k}": float(v) for k, v in dens.items()})
-        stats["cfg"] = knobs.cfg
+        stats.setdefault("cfg", knobs.cfg)  # the estimator's effective weight (annealed, 1 for sds-ref, ...)
+        stats["cfg_knob"] = knobs.cfg
         stats["learned_lr"] = self.estimator.lr
         if isinstance(self.estimator, LodsEmbed) and self.estimator.alpha is not None:
             init = self.estimator.alpha_init
@@ -338,8 +339,9 @@ class Trainer:
         return stats
 
     def _guard(self, stats: dict[str, float]) -> str | None:
-        if not all(math.isfinite(v) for k, v in stats.items() if isinstance(v, float) and k != "cfg"):
-            bad = [k for k, v in stats.items() if isinstance(v, float) and not math.isfinite(v) and k != "cfg"]
+        bad = [k for k, v in stats.items()
+               if isinstance(v, float) and not math.isfinite(v) and k not in ("cfg", "cfg_knob")]
+        if bad:
             return f"diverged at step {self.step}: {', '.join(bad)} became NaN or infinite"
         for p in self.scene.parameters():
             if not torch.isfinite(p).all():
@@ -399,6 +401,10 @@ class Trainer:
             self.save_checkpoint(self.out_dir)
         self.publish()
         return self.status
+
+    def close(self) -> None:
+        """Detach what the estimator attached to the prior (LoRA adapters), so that the prior can be reused."""
+        self.estimator.close()
 
     # ------------------------------------------------------------------ snapshots
 

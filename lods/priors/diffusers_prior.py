@@ -60,7 +60,8 @@ def resolve_source(id_or_dir: str) -> Path:
     name = ALIASES.get(id_or_dir, id_or_dir)
     path = Path(name).expanduser()
     if id_or_dir == "toy" and not (path / "unet" / "config.json").exists():
-        raise PriorError(f"the toy prior has no weights at {path}; train them with `python -m lods toy-prior train`")
+        raise PriorError("the toy prior has no weights in lods/priors/toy/weights; train them with "
+                         "`python -m lods toy-prior train`")
     if path.exists():
         return path
     if not _HUB_ID.match(name) or name.startswith("."):

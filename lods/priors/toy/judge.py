@@ -25,13 +25,17 @@ GROUND_CLASSES = ("none",) + GROUNDS
 
 
 class Judge(nn.Module):
-    """64x64 RGB in [0, 1] -> 48 multi-label (colour, shape) logits and 3 ground logits."""
+    """64x64 RGB in [0, 1] -> 48 multi-label (colour, shape) logits and 3 ground logits.
+
+    The (colour, shape) logits are computed at every cell of an 8x8 feature map and max-pooled, so
+    that a colour is bound to the shape at the same place (two objects never mix their attributes).
+    """
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
         w = width
         layers: list[nn.Module] = []
-        chans = [3, w, 2 * w, 4 * w, 4 * w]
+        chans = [3, w, 2 * w, 4 * w]
         for cin, cout in zip(chans[:-1], chans[1:]):
             layers += [
                 nn.Conv2d(cin, cout, 3, padding=1),
@@ -40,18 +44,23 @@ class Judge(nn.Module):
                 nn.Conv2d(cout, cout, 3, padding=1, stride=2),
                 nn.SiLU(),
             ]
+        layers += [nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.GroupNorm(8, 4 * w), nn.SiLU(),
+                   nn.Conv2d(4 * w, 4 * w, 3, padding=2, dilation=2), nn.SiLU()]
         self.body = nn.Sequential(*layers)
-        self.combo_head = nn.Linear(4 * w * 2, len(COMBOS))
-        self.ground_head = nn.Linear(4 * w * 2, len(GROUND_CLASSES))
+        self.combo_head = nn.Conv2d(4 * w, len(COMBOS), 1)
+        self.ground_head = nn.Linear(4 * w, len(GROUND_CLASSES))
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images * 2 - 1)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled features (B, 8w): mean and max over space; used for the artifact score too."""
-        h = self.body(images * 2 - 1)
+        h = self.feature_map(images)
         return torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.features(images)
-        return self.combo_head(f), self.ground_head(f)
+        h = self.feature_map(images)
+        return self.combo_head(h).amax((2, 3)), self.ground_head(h.mean((2, 3)))
 
 
 def targets(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,332 @@
+"""One training job per process: start, steer, stop and clean up a background :class:`Trainer` run.
+
+The page (``app/ui.py``) and the tests talk to a :class:`JobManager` only; nothing here imports
+gradio. A job belongs to the browser session that started it (its ``owner``): only that session may
+pause, stop, reset or turn its knobs, every other session watches it read-only. Each job writes into
+a temporary folder of its own, and that folder is the only place its downloads come from.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from app.config import checked_knob
+from lods.errors import UserError
+from lods.priors.base import DiffusionPrior
+from lods.runs import export_results
+from lods.trainer import RunConfig, Snapshot, Trainer, load_prior
+
+log = logging.getLogger(__name__)
+
+ACTIVE_PHASES = ("loading", "running", "paused", "exporting")
+PriorFactory = Callable[[str, torch.device], DiffusionPrior]
+SnapshotListener = Callable[[Snapshot], None]
+TrainerListener = Callable[[Trainer], None]
+
+
+class JobBusy(UserError):
+    """A job is already active in this process."""
+
+
+class NotOwner(UserError):
+    """The job belongs to another browser session."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One run: its config, its trainer (once built), its thread and its own output folder."""
+
+    id: int
+    owner: str
+    config: RunConfig
+    out_dir: Path
+    phase: str = "loading"  # loading, running, exporting, then done, stopped, diverged or failed
+    message: str = ""
+    files: list[Path] = field(default_factory=list)
+    trainer: Trainer | None = None
+    thread: threading.Thread | None = None
+    started_at: float = field(default_factory=time.time)
+    stop_requested: bool = False
+    pause_requested: bool = False
+    export_on_stop: bool = True
+
+    @property
+    def state(self) -> str:
+        """``phase``, with "paused" for a running job whose trainer is paused."""
+        if self.phase == "running" and self.trainer is not None and self.trainer.knobs.paused:
+            return "paused"
+        return self.phase
+
+    @property
+    def active(self) -> bool:
+        return self.phase in ACTIVE_PHASES
+
+    def snapshot(self) -> Snapshot | None:
+        return self.trainer.latest() if self.trainer is not None else None
+
+    def knob(self, name: str) -> Any:
+        """The live value of knob ``name`` (the config's before the trainer exists)."""
+        if self.trainer is not None:
+            return getattr(self.trainer.knobs, name)
+        return {"cfg": self.config.cfg, "scene_lr_scale": self.config.lr_scale,
+                "learned_lr": self.config.learned_lr}[name]
+
+
+class JobManager:
+    """Holds at most one active :class:`Job`; every method is safe to call from any thread.
+
+    ``prior_factory(name, device)`` loads a prior (default: ``lods.trainer.load_prior``); the last one
+    loaded is kept for the next run with the same name and device. Listeners (the 3D viewer) receive
+    every published snapshot and each new run's trainer before it trains; their errors are logged,
+    never raised into training.
+    """
+
+    def __init__(self, prior_factory: PriorFactory | None = None, listeners: list[SnapshotListener] | None = None,
+                 join_timeout: float = 30.0) -> None:
+        self._lock = threading.Lock()
+        self._job: Job | None = None
+        self._ids = itertools.count(1)
+        self._prior_factory = prior_factory or load_prior
+        self._prior_cache: tuple[tuple[str, str], DiffusionPrior] | None = None
+        self._listeners: list[SnapshotListener] = list(listeners or [])
+        self._trainer_listeners: list[TrainerListener] = []
+        self.join_timeout = join_timeout
+
+    # ------------------------------------------------------------------ reading
+
+    def current(self) -> Job | None:
+        """The active job, or the last finished one while its files are kept; None before the first."""
+        with self._lock:
+            return self._job
+
+    def add_listener(self, listener: SnapshotListener) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+
+    def add_trainer_listener(self, listener: TrainerListener) -> None:
+        """``listener(trainer)`` runs in the job's thread once a run's trainer is built, before it trains."""
+        with self._lock:
+            self._trainer_listeners.append(listener)
+
+    # ------------------------------------------------------------------ starting
+
+    def start(self, config: RunConfig, owner: str) -> Job:
+        """Start ``config`` in a background thread for session ``owner``; ``JobBusy`` while another job is active."""
+        config.validate()
+        with self._lock:
+            if self._job is not None and self._job.active:
+                whose = "yours" if self._job.owner == owner else "started in another session"
+                raise JobBusy(f"a run is already in progress ({whose}); stop it or wait until it ends")
+            previous = self._job
+            job = Job(id=next(self._ids), owner=owner, config=config,
+                      out_dir=Path(tempfile.mkdtemp(prefix="lods-job-")))
+            job.thread = threading.Thread(target=self._run, args=(job,), name=f"lods-job-{job.id}", daemon=True)
+            self._job = job
+        if previous is not None:
+            _remove(previous.out_dir)
+        job.thread.start()
+        return job
+
+    def _prior(self, name: str, device: torch.device) -> DiffusionPrior:
+        key = (name, str(device))
+        if self._prior_cache is not None and self._prior_cache[0] == key:
+            return self._prior_cache[1]
+        self._prior_cache = None  # drop the old model before loading the next one
+        prior = self._prior_factory(name, device)
+        self._prior_cache = (key, prior)
+        return prior
+
+    def _notify(self, listeners: list[Callable[[Any], None]], value: Any) -> None:
+        for listener in listeners:
+            try:
+                listener(value)
+            except Exception:
+                log.exception("a job listener failed; training goes on")
+
+    def _publish(self, snapshot: Snapshot) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        self._notify(listeners, snapshot)
+
+    def _run(self, job: Job) -> None:
+        """The job's thread: load the prior, build the trainer, train, export."""
+        trainer = None
+        try:
+            config = job.config
+            device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            prior = self._prior(config.prior, device)
+            with self._lock:
+                if job.stop_requested:
+                    job.phase, job.message = "stopped", "stopped before training began"
+                    return
+            trainer = Trainer(config, prior=prior, on_snapshot=self._publish)
+            with self._lock:
+                listeners = list(self._trainer_listeners)
+            self._notify(listeners, trainer)
+            with self._lock:
+                job.trainer = trainer
+                if job.stop_requested:
+                    trainer.stop()
+                elif job.pause_requested:
+                    trainer.pause()
+                job.phase = "running"
+            status = trainer.run()
+            files: list[Path] = []
+            message = trainer.message
+            if status == "done" or (status == "stopped" and job.export_on_stop and trainer.step > 0):
+                with self._lock:
+                    job.phase = "exporting"
+                try:
+                    files = write_results(trainer, job.out_dir)
+                except Exception as err:
+                    log.exception("writing the results of run %d failed", job.id)
+                    message = f"the result files could not be written: {type(err).__name__}: {one_line(err)}"
+            with self._lock:
+                job.files, job.message, job.phase = files, message, status
+        except UserError as err:
+            with self._lock:
+                job.phase, job.message = "failed", one_line(err)
+        except Exception as err:
+            log.exception("run %d failed", job.id)
+            with self._lock:
+                job.phase, job.message = "failed", f"internal error: {type(err).__name__}: {one_line(err)}"
+        finally:
+            if trainer is not None:
+                try:
+                    trainer.estimator.close()  # detach LoRA adapters from the cached prior
+                except Exception:
+                    log.exception("closing the estimator of run %d failed", job.id)
+
+    # ------------------------------------------------------------------ steering (owner only)
+
+    def _owned_active(self, owner: str) -> Job | None:
+        """The active job if ``owner`` owns it; None when nothing is active; ``NotOwner`` otherwise. Lock held."""
+        job = self._job
+        if job is None or not job.active:
+            return None
+        if job.owner != owner:
+            raise NotOwner("this run belongs to another session; you are watching it read-only")
+        return job
+
+    def set_knobs(self, owner: str, **knobs: Any) -> Job | None:
+        """Change live knobs (cfg, scene_lr_scale, learned_lr) of the owner's active job; None when none is active.
+
+        Values are checked before the job is touched; the trainer applies them within one step and records
+        them in its ``knob_changes``.
+        """
+        checked = {name: checked_knob(name, value) for name, value in knobs.items()}
+        with self._lock:
+            job = self._owned_active(owner)
+            if job is None:
+                return None
+            if job.trainer is None:
+                for name, value in checked.items():
+                    setattr(job.config, "lr_scale" if name == "scene_lr_scale" else name, value)
+            else:
+                job.trainer.set_knobs(**checked)
+            return job
+
+    def set_paused(self, owner: str, paused: bool) -> Job | None:
+        with self._lock:
+            job = self._owned_active(owner)
+            if job is None:
+                return None
+            job.pause_requested = paused
+            if job.trainer is not None:
+                job.trainer.set_knobs(paused=paused)
+            return job
+
+    def stop(self, owner: str, export: bool = True, wait: float | None = None) -> Job | None:
+        """Stop the owner's active job (result files are written when ``export``); join its thread up to ``wait`` s."""
+        with self._lock:
+            job = self._owned_active(owner)
+            if job is None:
+                return None
+            self._request_stop(job, export)
+        if wait:
+            job.thread.join(wait)
+        return job
+
+    @staticmethod
+    def _request_stop(job: Job, export: bool) -> None:
+        job.stop_requested, job.export_on_stop = True, job.export_on_stop and export
+        if job.trainer is not None:
+            job.trainer.stop()
+
+    def discard(self, owner: str) -> bool:
+        """Reset: stop the owner's job without writing results, wait for its thread, delete its folder."""
+        with self._lock:
+            job = self._job
+            if job is None:
+                return False
+            if job.owner != owner:
+                raise NotOwner("this run belongs to another session; you are watching it read-only")
+            if job.active:
+                self._request_stop(job, export=False)
+        job.thread.join(self.join_timeout)
+        with self._lock:
+            if job.thread.is_alive():
+                raise UserError("the run is still finishing its current step; press Reset again in a moment")
+            if self._job is job:
+                self._job = None
+        _remove(job.out_dir)
+        return True
+
+    def release(self, owner: str) -> None:
+        """The owner's tab closed: stop its active job without writing results (no wait)."""
+        with self._lock:
+            job = self._job
+            if job is not None and job.active and job.owner == owner:
+                self._request_stop(job, export=False)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop any active job, join its thread and delete its folder (process exit, tests)."""
+        with self._lock:
+            job, self._job = self._job, None
+            if job is not None and job.active:
+                self._request_stop(job, export=False)
+        if job is not None:
+            job.thread.join(self.join_timeout if timeout is None else timeout)
+            _remove(job.out_dir)
+        self._prior_cache = None
+
+
+def write_results(trainer: Trainer, out_dir: Path) -> list[Path]:
+    """The run's result files (``lods.runs.export_results``), its config and its per-step metrics."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = export_results(trainer, out_dir)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(asdict(trainer.config), sort_keys=False))
+    lines = [json.dumps({k: _json_value(v) for k, v in row.items()}) for row in trainer.history]
+    (out_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    names = [v for k, v in results.items() if k != "metrics" and isinstance(v, str)]
+    return [out_dir / name for name in [*names, "config.yaml", "metrics.jsonl"] if (out_dir / name).is_file()]
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+
+
+def one_line(err: BaseException, limit: int = 240) -> str:
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _remove(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,411 @@
+"""The LODS Studio page: the run's setup on the left, the live run on the right.
+
+Every callback is a method of :class:`Studio`, which knows the :class:`~app.jobs.JobManager` and
+the operator's :class:`AppSettings` and nothing else; :func:`build_demo` only lays out components
+and wires events. A ``gr.Timer`` polls the job (the trainer runs in its own thread) and each output
+is re-sent only when what it shows has changed. Bad input never reaches the job: it becomes a
+one-line notice under the buttons.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradio as gr
+
+from app.config import (
+    APP_METHODS,
+    CFG_MAX,
+    MAX_TEXT,
+    ModelPolicy,
+    build_run_config,
+    learns_parameters,
+)
+from app.jobs import Job, JobManager, NotOwner, one_line
+from app.plots import PLOTS, metric_frame, placeholder_frame, plot_colors, preview_grid
+from lods.errors import UserError
+from lods.guidance import DEFAULT_LR
+from lods.runs import PRESETS
+
+TITLE = "LODS Studio"
+METHOD_LABELS = {
+    "lods-embed": "LODS: learned null embedding",
+    "lods-lora": "LODS: LoRA on the null branch",
+    "sds": "SDS (DreamFusion)",
+    "sds-ref": "SDS-ref: conditional prediction only",
+    "sds-norm": "SDS-norm: SDS divided by w",
+    "vsd": "VSD (ProlificDreamer)",
+    "cfg-anneal": "SDS with annealed CFG",
+}
+BACKBONE_LABELS = {"gs": "Gaussian splats", "nerf": "NeRF", "image": "2D image"}
+STATE_LABELS = {
+    "loading": "⏳ Loading the prior", "running": "● Running", "paused": "⏸ Paused", "exporting": "⏳ Writing files",
+    "done": "✓ Done", "stopped": "■ Stopped", "diverged": "⚠️ Diverged", "failed": "⚠️ Failed",
+}
+CSS = """
+#notice p, #status p { margin: 0.2em 0; }
+#notice { min-height: 1.6em; }
+.lods-plots .block { min-width: 260px; }
+"""
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]#|~$])")
+
+
+@dataclass
+class AppSettings:
+    """What the operator decides on the command line; nothing here comes from the page."""
+
+    policy: ModelPolicy = field(default_factory=ModelPolicy)
+    default_prior: str = "toy"
+    run_overrides: dict[str, Any] = field(default_factory=dict)  # merged into every RunConfig
+    max_steps: int = 20_000
+    poll_seconds: float = 0.75
+    unload_grace_s: float = 5.0  # a closed heartbeat stops the tab's run unless the tab polls again within this
+    viewer_html: str = ""  # the live 3D panel (app/viewer_link.py); empty: no live viewer
+
+
+@dataclass(frozen=True)
+class Defaults:
+    prompt: str = "a red cube"
+    negative_prompt: str = ""
+    custom_model: str = ""
+    backbone: str = "gs"
+    method: str = "lods-embed"
+    cfg: float = 100.0
+    scene_lr_scale: float = 1.0
+    steps: int = PRESETS["gs"]["steps"]
+    seed: int = 0
+
+    @property
+    def learned_lr(self) -> float:
+        return DEFAULT_LR.get(self.method, 0.0)
+
+
+DEFAULTS = Defaults()
+
+
+def md_text(text: str) -> str:
+    """User or library text shown inside Markdown: HTML-escaped, Markdown specials backslashed, one line."""
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(" ".join(str(text).split()), quote=False))
+
+
+def notice(text: str, error: bool = False) -> str:
+    return f"⚠️ {md_text(text)}" if error else md_text(text)
+
+
+def session_of(request: gr.Request | None) -> str:
+    return (getattr(request, "session_hash", None) if request is not None else None) or "anonymous"
+
+
+def duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "–"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def status_text(job: Job | None, viewer: str) -> str:
+    """Two Markdown lines: the state with step, it/s and ETA; then what runs and for whom."""
+    if job is None:
+        return "**Ready.** Type a prompt, pick a method and press **Start**."
+    state = job.state
+    config = job.config
+    snap = job.snapshot()
+    step = job.trainer.step if job.trainer is not None else 0
+    head = f"**{STATE_LABELS.get(state, state)}**"
+    if state == "loading":
+        head += f" {md_text(config.prior)}…"
+    elif job.trainer is not None:
+        head += f" · step {step} / {config.steps}"
+        rate = snap.it_per_s if snap is not None else 0.0
+        if state in ("running", "paused") and rate > 0:
+            head += f" · {rate:.2f} it/s"
+            if state == "running":
+                head += f" · ETA {duration((config.steps - step) / rate)}"
+    if job.message and state in ("stopped", "diverged", "failed", "done"):
+        head += f" · {md_text(job.message)}"
+    cfg = job.knob("cfg")
+    detail = (f"{md_text(METHOD_LABELS.get(config.method, config.method))} on "
+              f"{BACKBONE_LABELS.get(config.backbone, config.backbone)}, prior {md_text(config.prior)}, "
+              f"CFG {cfg:g}, prompt “{md_text(config.prompt)}”")
+    if job.owner != viewer:
+        detail += " · *started in another session: you are watching it read-only*"
+    return f"{head}  \n{detail}"
+
+
+class Studio:
+    """The page's callbacks; each returns plain values or component updates, never raises for bad input."""
+
+    def __init__(self, manager: JobManager, settings: AppSettings) -> None:
+        self.manager = manager
+        self.settings = settings
+        self._seen: dict[str, float] = {}  # session -> time of its latest request (time.monotonic)
+
+    def _session(self, request: gr.Request | None) -> str:
+        session = session_of(request)
+        self._seen[session] = time.monotonic()
+        return session
+
+    # ------------------------------------------------------------------ buttons
+
+    def start(self, prompt: Any, negative_prompt: Any, prior: Any, custom_model: Any, backbone: Any, method: Any,
+              cfg: Any, scene_lr_scale: Any, learned_lr: Any, steps: Any, seed: Any,
+              request: gr.Request = None) -> str:
+        try:
+            name = self.settings.policy.resolve(prior, custom_model)
+            config = build_run_config(
+                prompt=prompt, negative_prompt=negative_prompt, prior=name, backbone=backbone, method=method,
+                cfg=cfg, scene_lr_scale=scene_lr_scale, learned_lr=learned_lr, steps=steps, seed=seed,
+                max_steps=self.settings.max_steps, overrides=self.settings.run_overrides,
+            )
+            job = self.manager.start(config, owner=self._session(request))
+        except UserError as err:
+            return notice(one_line(err), error=True)
+        return notice(f"Started run {job.id}.")
+
+    def toggle_pause(self, request: gr.Request = None) -> tuple[str, Any]:
+        job = self.manager.current()
+        if job is None or not job.active:
+            return notice("Nothing is running."), gr.update(value="Pause")
+        pause = job.state != "paused"
+        try:
+            self.manager.set_paused(self._session(request), pause)
+        except UserError as err:
+            return notice(one_line(err), error=True), gr.skip()
+        return notice("Paused." if pause else "Resumed."), gr.update(value="Resume" if pause else "Pause")
+
+    def stop(self, request: gr.Request = None) -> str:
+        try:
+            job = self.manager.stop(self._session(request))
+        except UserError as err:
+            return notice(one_line(err), error=True)
+        if job is None:
+            return notice("Nothing is running.")
+        return notice("Stopping: the result files appear below once they are written.")
+
+    def reset(self, view: dict, request: gr.Request = None) -> tuple:
+        """Restore every default and clear the view; this session's own run is stopped and its files deleted.
+
+        Another session's finished run only disappears from this tab; its running one cannot be reset here.
+        """
+        job = self.manager.current()
+        message, dismissed = "", view.get("dismissed", 0)
+        if job is not None:
+            try:
+                self.manager.discard(self._session(request))
+                dismissed = job.id
+            except NotOwner as err:
+                if job.active:
+                    message = notice(one_line(err), error=True)
+                else:
+                    dismissed = job.id
+            except UserError as err:
+                message = notice(one_line(err), error=True)
+        d = DEFAULTS
+        controls = (d.prompt, d.negative_prompt, self.settings.default_prior, d.custom_model, d.backbone, d.method,
+                    d.cfg, d.scene_lr_scale, gr.update(value=d.learned_lr, interactive=True), d.steps, d.seed)
+        return (*controls, message, *self._cleared(), {"dismissed": dismissed})
+
+    # ------------------------------------------------------------------ live knobs
+
+    def _knob(self, name: str, value: Any, request: gr.Request | None) -> str:
+        try:
+            job = self.manager.set_knobs(self._session(request), **{name: value})
+        except UserError as err:
+            return notice(one_line(err), error=True)
+        if job is None:
+            return ""
+        label = {"cfg": "CFG weight", "scene_lr_scale": "scene learning-rate scale",
+                 "learned_lr": "learned-parameter learning rate"}[name]
+        return notice(f"{label} set to {float(value):g}; it applies from the next step.")
+
+    def set_cfg(self, value: Any, request: gr.Request = None) -> str:
+        return self._knob("cfg", value, request)
+
+    def set_scene_lr(self, value: Any, request: gr.Request = None) -> str:
+        return self._knob("scene_lr_scale", value, request)
+
+    def set_learned_lr(self, value: Any, request: gr.Request = None) -> str:
+        job = self.manager.current()
+        if job is not None and job.active and not learns_parameters(job.config.method):
+            return notice(f"{job.config.method} learns no parameters; the rate applies to your next run.")
+        return self._knob("learned_lr", value, request)
+
+    # ------------------------------------------------------------------ other controls
+
+    @staticmethod
+    def method_changed(method: Any) -> Any:
+        learns = learns_parameters(method)
+        return gr.update(value=DEFAULT_LR.get(method, 0.0), interactive=learns,
+                         info="alpha or LoRA step size (live)" if learns else "this method learns no parameters")
+
+    @staticmethod
+    def backbone_changed(backbone: Any) -> Any:
+        return gr.update(value=PRESETS.get(backbone, {}).get("steps", DEFAULTS.steps))
+
+    def release(self, request: gr.Request = None) -> None:
+        """The tab closed or reloaded: stop the run it owns, unless it polls again within the grace period.
+
+        Gradio reports a closed tab when the page's heartbeat connection drops, which a network hiccup
+        also does; a tab that is still open keeps polling and so keeps its run.
+        """
+        session, closed_at = session_of(request), time.monotonic()
+
+        def stop_if_gone() -> None:
+            if self._seen.get(session, 0.0) <= closed_at:
+                self._seen.pop(session, None)
+                self.manager.release(session)
+
+        if self.settings.unload_grace_s <= 0:
+            stop_if_gone()
+            return
+        timer = threading.Timer(self.settings.unload_grace_s, stop_if_gone)
+        timer.daemon = True
+        timer.start()
+
+    # ------------------------------------------------------------------ polling
+
+    def _cleared(self) -> tuple:
+        """Idle values of the poll's outputs (without the view state)."""
+        plots = [placeholder_frame(spec) for spec in PLOTS]
+        return (status_text(None, ""), None, None, *plots, None, gr.update(value="Pause"))
+
+    def poll(self, view: dict | None, request: gr.Request = None) -> tuple:
+        """status, renders, 3D result, the plots, files, pause label, view state; unchanged parts skipped."""
+        view = dict(view or {})
+        me = self._session(request)
+        job = self.manager.current()
+        if job is not None and job.id <= view.get("dismissed", 0):
+            job = None
+        keys: dict[str, Any] = {"status": status_text(job, me)}
+        if job is None:
+            keys.update(snap=None, phase=None)
+            values = self._cleared()
+        else:
+            snap = job.snapshot()
+            keys["snap"] = (job.id, snap.step, len(snap.knob_changes), snap.status) if snap is not None else job.id
+            keys["phase"] = (job.id, job.state, len(job.files))
+            values = None
+        changed = {k for k, v in keys.items() if view.get(k) != v}
+        view.update(keys)
+        if not changed:
+            return (*[gr.skip()] * (5 + len(PLOTS)), view)
+        if values is not None:
+            return (*values, view)
+        status = keys["status"] if "status" in changed else gr.skip()
+        renders, plots = gr.skip(), [gr.skip()] * len(PLOTS)
+        if "snap" in changed and snap is not None:
+            renders = preview_grid(snap.previews)
+            plots = [metric_frame(snap.history, snap.knob_changes, spec) for spec in PLOTS]
+        files, model, pause = gr.skip(), gr.skip(), gr.skip()
+        if "phase" in changed:
+            paths = [str(p) for p in job.files]
+            files = paths or None
+            model = next((p for p in paths if p.endswith((".ply", ".glb"))), None)
+            pause = gr.update(value="Resume" if job.state == "paused" else "Pause")
+        return (status, renders, model, *plots, files, pause, view)
+
+
+def build_demo(manager: JobManager, settings: AppSettings | None = None,
+               on_load_js: str | None = None) -> gr.Blocks:
+    """The page. ``on_load_js`` runs in the browser once the page has loaded (the viewer's iframe address)."""
+    settings = settings or AppSettings()
+    studio = Studio(manager, settings)
+    d = DEFAULTS
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(
+            f"# {TITLE}\n"
+            "Text-to-3D by score distillation from a 2D diffusion model. **LODS** (Learn to Optimize Denoising "
+            "Scores) learns the unconditional embedding, or a LoRA, while the scene trains. Turn the CFG weight "
+            "during a run and watch saturation and floaters respond."
+        )
+        view = gr.State({})
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=320):
+                prompt = gr.Textbox(label="Prompt", value=d.prompt, lines=2, max_lines=4, max_length=MAX_TEXT,
+                                    elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", value=d.negative_prompt, max_length=MAX_TEXT,
+                                      placeholder="empty: the null prompt, as in Stable Diffusion")
+                with gr.Row():
+                    prior = gr.Dropdown(list(settings.policy.allowed), value=settings.default_prior,
+                                        label="Prior (diffusion model)", elem_id="prior")
+                    custom = gr.Textbox(label="…or a Hugging Face model id", value=d.custom_model,
+                                        placeholder="owner/name", visible=settings.policy.custom_ids, max_length=200)
+                backbone = gr.Radio([(v, k) for k, v in BACKBONE_LABELS.items()], value=d.backbone, label="Backbone")
+                method = gr.Dropdown([(METHOD_LABELS.get(m, m), m) for m in APP_METHODS], value=d.method,
+                                     label="Method")
+                cfg = gr.Slider(1, CFG_MAX, value=d.cfg, step=0.5, label="CFG weight w", info="live",
+                                elem_id="cfg")
+                with gr.Row():
+                    scene_lr = gr.Slider(0, 10, value=d.scene_lr_scale, step=0.05,
+                                         label="Scene learning-rate scale", info="live")
+                    learned_lr = gr.Number(value=d.learned_lr, label="Learned-parameter learning rate",
+                                           info="alpha or LoRA step size (live)", elem_id="learned-lr")
+                with gr.Row():
+                    steps = gr.Number(value=d.steps, precision=0, label="Steps", elem_id="steps")
+                    seed = gr.Number(value=d.seed, precision=0, label="Seed")
+                with gr.Row():
+                    start_btn = gr.Button("Start", variant="primary", elem_id="start")
+                    pause_btn = gr.Button("Pause", elem_id="pause")
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                    reset_btn = gr.Button("Reset", elem_id="reset")
+                note = gr.Markdown("", elem_id="notice")
+            with gr.Column(scale=3, min_width=420):
+                status = gr.Markdown(status_text(None, ""), elem_id="status")
+                with gr.Tabs():
+                    with gr.Tab("Renders"):
+                        renders = gr.Image(label="Latest renders (preview views)", type="numpy", format="png",
+                                           interactive=False, elem_id="renders")
+                    with gr.Tab("3D"):
+                        if settings.viewer_html:
+                            gr.HTML(settings.viewer_html)
+                        else:
+                            gr.Markdown("The live 3D viewer is not running; the finished scene appears below.")
+                        model3d = gr.Model3D(label="Result scene", interactive=False)
+                with gr.Row(elem_classes="lods-plots"):
+                    plots = [gr.LinePlot(placeholder_frame(spec), x="step", y="value", color="series",
+                                         title=spec.title, color_map=plot_colors(spec), tooltip="all", height=220,
+                                         x_title="step", y_title=spec.key, label=spec.title, show_label=False,
+                                         min_width=260)
+                             for spec in PLOTS]
+                with gr.Accordion("What the plots show", open=False):
+                    gr.Markdown("\n".join(f"- **{spec.title}**: {spec.caption}" for spec in PLOTS)
+                                + "\n- **knob change** (orange): a live change of CFG or a learning rate; "
+                                  "hover a tooth to see which")
+                files = gr.File(label="Result files", file_count="multiple", interactive=False, elem_id="files")
+
+        setup = [prompt, negative, prior, custom, backbone, method, cfg, scene_lr, learned_lr, steps, seed]
+        polled = [status, renders, model3d, *plots, files, pause_btn, view]
+        quick: dict[str, Any] = {"show_progress": "hidden", "concurrency_limit": None}
+        start_btn.click(studio.start, setup, note, api_name="start")
+        pause_btn.click(studio.toggle_pause, None, [note, pause_btn], api_name="pause", **quick)
+        stop_btn.click(studio.stop, None, note, api_name="stop", **quick)
+        reset_btn.click(studio.reset, view, [*setup, note, *polled], api_name="reset")
+        cfg.release(studio.set_cfg, cfg, note, api_name="set_cfg", **quick)
+        scene_lr.release(studio.set_scene_lr, scene_lr, note, api_name="set_scene_lr", **quick)
+        gr.on([learned_lr.submit, learned_lr.blur], studio.set_learned_lr, learned_lr, note,
+              api_name="set_learned_lr", **quick)
+        method.change(studio.method_changed, method, learned_lr, api_visibility="private", **quick)
+        backbone.change(studio.backbone_changed, backbone, steps, api_visibility="private", **quick)
+        timer = gr.Timer(settings.poll_seconds)
+        timer.tick(studio.poll, view, polled, api_name="poll", trigger_mode="always_last", **quick)
+        demo.load(studio.poll, view, polled, api_visibility="private", **quick)
+        if on_load_js:
+            demo.load(None, js=on_load_js)
+        demo.unload(studio.release)
+    return demo
+
+
+def launch_options() -> dict[str, Any]:
+    """Styling arguments of ``demo.launch`` (Gradio 6 takes them there, not in ``gr.Blocks``)."""
+    return {"css": CSS, "theme": gr.themes.Soft(), "run_history": False}  # no browser log of every poll
+

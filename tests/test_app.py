@@ -1,0 +1,456 @@
+"""The Gradio app: its API driven with gradio_client, its job manager, input rules and plot data.
+
+Every run uses the tiny random SD-format prior of ``conftest.tiny_sd_dir`` (injected through the
+job manager's prior factory) on the 2D image backbone, so a run takes a fraction of a second per
+step on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.config import ModelPolicy, build_run_config, restricted_server
+from app.jobs import JobManager, NotOwner
+from app.plots import KNOB_SERIES, PLOTS, metric_frame, plot_colors, preview_grid
+from app.ui import AppSettings, Studio, build_demo, md_text, status_text
+from lods.errors import UserError
+from lods.priors.base import PriorError
+
+OVERRIDES = {"resolution": 16, "batch": 1, "snapshot_every": 2, "preview_views": 2,
+             "gaussians": {"num_points": 64}}
+OFFLINE = "cannot get 'stabilityai/stable-diffusion-2-1-base' from the Hugging Face Hub (offline)"
+GOOD = dict(prompt="a red cube", negative_prompt="", prior="toy", custom_model="", backbone="image",
+            method="lods-embed", cfg=50.0, scene_lr_scale=1.0, learned_lr=1e-4, steps=5000, seed=0)
+
+
+def wait_for(condition, timeout: float = 20.0, every: float = 0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_prior(tiny_sd_dir, one_thread):
+    from lods.priors.diffusers_prior import DiffusersPrior
+
+    return DiffusersPrior.from_pretrained(str(tiny_sd_dir))
+
+
+@pytest.fixture(scope="module")
+def prior_factory(tiny_prior):
+    calls = []
+
+    def load(name: str, device: torch.device):
+        calls.append(name)
+        if name == "sd21":
+            raise PriorError(OFFLINE)
+        return tiny_prior
+
+    load.calls = calls
+    return load
+
+
+@pytest.fixture
+def manager(prior_factory):
+    jobs = JobManager(prior_factory=prior_factory, join_timeout=20)
+    yield jobs
+    jobs.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(prior_factory):
+    """The app on a free loopback port, as a public server would show it (allow-list only)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+        mp.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.5")  # notice a closed tab quickly
+        jobs = JobManager(prior_factory=prior_factory, join_timeout=20)
+        settings = AppSettings(policy=ModelPolicy(allowed=("toy", "sd21"), custom_ids=False),
+                               run_overrides=OVERRIDES, unload_grace_s=0)
+        demo = build_demo(jobs, settings)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+        try:
+            yield f"http://127.0.0.1:{port}/", jobs
+        finally:
+            jobs.shutdown()
+            demo.close()
+
+
+def client(url: str):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def start(c, **changes) -> str:
+    values = {**GOOD, **changes}
+    return c.predict(*values.values(), api_name="/start")
+
+
+def attempt(fn, *args, **kwargs) -> str:
+    """The notice an API call returns, or the message of the error Gradio itself raised."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # gradio_client raises AppError for errors raised by components
+        return f"error: {err}"
+
+
+def plot_column(plot: dict, column: str) -> set:
+    value = plot.get("value", plot)
+    return {row[value["columns"].index(column)] for row in value["data"]}
+
+
+# ----------------------------------------------------------------------------- the API, end to end
+
+
+def test_run_live_knobs_second_session_and_stop(server):
+    url, jobs = server
+    a, b = client(url), client(url)
+    try:
+        assert "Started run" in start(a)
+        job = jobs.current()
+        wait_for(lambda: job.trainer is not None and job.trainer.step >= 3)
+
+        # a second session sees the run but may not start, steer or stop it
+        assert "already in progress" in start(b)
+        assert "another session" in b.predict(api_name="/stop")
+        assert "another session" in b.predict(20, api_name="/set_cfg")
+        status_b = b.predict(api_name="/poll")[0]
+        assert "Running" in status_b and "read-only" in status_b
+
+        # the owner turns the CFG weight: applied within a step, recorded, marked on the plots
+        assert "set to 20" in a.predict(20, api_name="/set_cfg")
+        assert "set to 0.5" in a.predict(0.5, api_name="/set_scene_lr")
+        step = job.trainer.step
+        wait_for(lambda: (s := job.snapshot()) is not None and len(s.knob_changes) == 2 and s.step > step + 2)
+        changes = job.snapshot().knob_changes
+        assert [(c["knob"], c["old"], c["new"]) for c in changes] == [("cfg", 50.0, 20.0), ("scene_lr_scale", 1.0, 0.5)]
+        assert any(h["cfg"] == 20.0 for h in job.snapshot().history if h["step"] > changes[0]["step"])
+        status, renders, _, *plots_and_rest = a.predict(api_name="/poll")
+        plots = plots_and_rest[: len(PLOTS)]
+        assert "read-only" not in status and Path(renders).is_file()
+        cfg_plot = plots[[p.key for p in PLOTS].index("cfg")]
+        assert plot_column(cfg_plot, "series") == {"Effective CFG weight", "knob change"}
+        assert {c for c in plot_column(cfg_plot, "change") if c.startswith("CFG 50 → 20 @")}
+
+        # pause holds the step count; resume goes on
+        assert "Paused" in str(a.predict(api_name="/pause"))
+        wait_for(lambda: job.state == "paused")
+        time.sleep(0.3)
+        held = job.trainer.step
+        time.sleep(0.3)
+        assert job.trainer.step == held
+        assert "Resumed" in str(a.predict(api_name="/pause"))
+        wait_for(lambda: job.trainer.step > held)
+
+        # stop frees the job: the thread ends, the result files come from the job's own folder
+        assert "Stopping" in a.predict(api_name="/stop")
+        job.thread.join(20)
+        assert not job.thread.is_alive() and job.phase == "stopped"
+        names = {p.name for p in job.files}
+        assert {"image.png", "config.yaml", "metrics.jsonl"} <= names
+        assert all(p.parent == job.out_dir for p in job.files)
+        files = a.predict(api_name="/poll")[-1]
+        assert {Path(f).name for f in files} == names
+
+        # now the other session may start; Reset stops its run and deletes the folder
+        assert "Started run" in start(b, steps=2000)
+        second = jobs.current()
+        assert second is not job and not job.out_dir.exists()
+        assert "another session" in attempt(a.predict, api_name="/reset")[11]
+        b.predict(api_name="/reset")
+        assert not second.thread.is_alive() and jobs.current() is None and not second.out_dir.exists()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_bad_input_gives_one_line_and_spares_the_running_job(server):
+    url, jobs = server
+    a, b = client(url), client(url)
+    try:
+        assert "Started run" in start(a)
+        job = jobs.current()
+        wait_for(lambda: job.trainer is not None and job.trainer.step >= 2)
+        for c in (a, b):  # the owner and a watcher
+            for changes, expected in [
+                ({"prompt": ""}, "prompt is empty"),
+                ({"prompt": "   "}, "prompt is empty"),
+                ({"prompt": "a" * 1001}, "longer than 1000"),
+                ({"negative_prompt": "b" * 1001}, "longer than 1000"),
+                ({"learned_lr": -1e-3}, "learning rate must be"),
+                ({"learned_lr": 1e6}, "learning rate must be"),
+                ({"steps": 0}, "steps must be"),
+                ({"custom_model": "someone/model"}, "only loads the listed models"),
+                ({"custom_model": "../../etc"}, "only loads the listed models"),
+                ({"cfg": 5000}, "greater than maximum"),  # the slider's own bound check
+                ({"scene_lr_scale": -1}, "less than minimum"),
+                ({"prior": "evil/model"}, "evil/model"),
+            ]:
+                message = attempt(start, c, **changes)
+                assert expected in message, (changes, message)
+                assert "\n" not in message and "Traceback" not in message
+            assert "learning rate must be" in c.predict(1e9, api_name="/set_learned_lr")
+        assert job.active and job.trainer.knobs.cfg == 50.0 and jobs.current() is job
+        step = job.trainer.step
+        wait_for(lambda: job.trainer.step > step)
+        a.predict(api_name="/stop")
+        job.thread.join(20)
+        assert not job.thread.is_alive()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_missing_weights_show_in_the_status_line(server, prior_factory):
+    url, jobs = server
+    a = client(url)
+    try:
+        assert "Started run" in start(a, prior="sd21")
+        job = jobs.current()
+        job.thread.join(20)
+        assert job.phase == "failed" and job.message == OFFLINE
+        status = a.predict(api_name="/poll")[0]
+        assert "Failed" in status and "offline" in status and "\n" not in status.split("  \n")[0]
+        assert "Started run" in start(a, steps=3)  # a failed job does not block the next one
+        jobs.current().thread.join(20)
+        assert jobs.current().phase == "done"
+    finally:
+        a.close()
+
+
+def test_only_result_files_are_served(server):
+    import httpx
+
+    url, _ = server
+    for path in [Path(__file__).resolve(), Path(__file__).resolve().parents[1] / "app.py", Path("/etc/passwd")]:
+        response = httpx.get(f"{url}gradio_api/file={path}", timeout=10)
+        assert response.status_code in (403, 404), (path, response.status_code)
+
+
+def test_closing_the_tab_stops_its_run(server):
+    url, jobs = server
+    a, b = client(url), client(url)
+    try:
+        assert "Started run" in start(a)
+        job = jobs.current()
+        wait_for(lambda: job.trainer is not None and job.trainer.step >= 1)
+        b.close()  # a watcher leaving changes nothing
+        time.sleep(0.5)
+        assert job.active
+        a.close()  # the heartbeat connection drops: Gradio's unload event runs for a's session
+        job.thread.join(20)
+        assert not job.thread.is_alive() and job.phase == "stopped" and job.files == []
+    finally:
+        a.close()
+        b.close()
+
+
+# ----------------------------------------------------------------------------- callbacks and the job manager
+
+
+def test_nan_and_bad_numbers_are_refused_before_the_job(manager):
+    studio = Studio(manager, AppSettings(run_overrides=OVERRIDES))
+    values = dict(GOOD)
+    for key, bad, expected in [("cfg", math.nan, "CFG weight"), ("cfg", math.inf, "between 1 and"),
+                               ("cfg", 0.5, "CFG weight"), ("scene_lr_scale", math.nan, "finite"),
+                               ("learned_lr", None, "must be a number"), ("seed", -1, "seed"),
+                               ("steps", 10**9, "steps"), ("steps", 2.5, "whole number"),
+                               ("prompt", "a\x00b", "control characters"), ("prompt", 42, "must be text"),
+                               ("backbone", "voxels", "unknown backbone"), ("method", "dds", "unknown method")]:
+        message = studio.start(*{**values, key: bad}.values())
+        assert message.startswith("⚠️") and expected in message, (key, bad, message)
+    assert manager.current() is None
+    assert studio.set_cfg(math.nan).startswith("⚠️")
+
+
+def test_learned_rate_of_a_method_without_learned_parameters(manager):
+    studio = Studio(manager, AppSettings(run_overrides=OVERRIDES))
+    assert "Started run" in studio.start(*{**GOOD, "method": "sds"}.values())
+    wait_for(lambda: manager.current().trainer is not None)
+    assert "learns no parameters" in studio.set_learned_lr(1e-3)
+    assert "set to 30" in studio.set_cfg(30)
+    assert [c["knob"] for c in manager.current().trainer.knob_changes] == ["cfg"]
+
+
+def test_job_manager_owner_rules_and_clean_shutdown(manager):
+    config = build_run_config(**{k: v for k, v in GOOD.items() if k != "custom_model"}, overrides=OVERRIDES)
+    job = manager.start(config, owner="a")
+    with pytest.raises(UserError, match="already in progress"):
+        manager.start(config, owner="b")
+    with pytest.raises(NotOwner):
+        manager.set_knobs("b", cfg=10)
+    with pytest.raises(UserError):
+        manager.set_knobs("a", cfg=math.nan)
+    manager.set_knobs("a", cfg=10, learned_lr=1e-3)  # before or after the trainer exists
+    assert job.knob("cfg") == 10
+    manager.release("b")
+    assert job.active
+    manager.release("a")
+    job.thread.join(20)
+    assert job.phase == "stopped" and not job.thread.is_alive()
+    out = job.out_dir
+    manager.shutdown()
+    assert manager.current() is None and not out.exists()
+
+
+def test_prior_loaded_once_and_listener_errors_do_not_stop_training(manager, prior_factory):
+    got = []
+
+    def broken_viewer(snapshot):
+        raise RuntimeError("viewer down")
+
+    manager.add_listener(broken_viewer)
+    manager.add_listener(got.append)
+    config = build_run_config(**{**{k: v for k, v in GOOD.items() if k != "custom_model"}, "steps": 4},
+                              overrides=OVERRIDES)
+    before = len(prior_factory.calls)
+    for _ in range(2):
+        job = manager.start(config, owner="a")
+        job.thread.join(20)
+        assert job.phase == "done", job.message
+    assert len(prior_factory.calls) - before == 1
+    assert got and got[-1].step == 4
+
+
+# ----------------------------------------------------------------------------- rules and helpers
+
+
+def test_model_policy():
+    local = ModelPolicy.for_server("127.0.0.1", extra=["my/model"], env={})
+    assert local.custom_ids and local.allowed == ("toy", "sd21", "my/model")
+    assert local.resolve("sd21") == "sd21"
+    assert local.resolve("toy", " owner/some-model ") == "owner/some-model"
+    for typed in ["/etc/passwd", "./weights", "../a/b", "~/models/x", "tests/conftest.py", "a/b/c", "x"]:
+        with pytest.raises(UserError, match="not a Hugging Face model id"):
+            local.resolve("toy", typed)
+    with pytest.raises(UserError, match="unknown model"):
+        local.resolve("/tmp/model")
+    public = ModelPolicy.for_server("0.0.0.0", env={})
+    space = ModelPolicy.for_server("127.0.0.1", env={"SPACE_ID": "me/lods"})
+    for policy in (public, space):
+        assert not policy.custom_ids
+        with pytest.raises(UserError, match="only loads the listed"):
+            policy.resolve("toy", "owner/model")
+    assert restricted_server("::1", {}) is False and restricted_server("192.168.1.2", {}) is True
+
+
+def test_entry_point_host_and_port():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lods_app_main", Path(__file__).parents[1] / "app.py")
+    main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main)
+    assert main.server_host(None, {}) == "127.0.0.1"
+    assert main.server_host(None, {"SPACE_ID": "me/lods"}) == "0.0.0.0"
+    assert main.server_host(None, {"GRADIO_SERVER_NAME": "0.0.0.0"}) == "0.0.0.0"
+    assert main.server_host("127.0.0.1", {"SPACE_ID": "x"}) == "127.0.0.1"
+    assert main.server_port(None, {"GRADIO_SERVER_PORT": "7861"}) == 7861
+    args = main.parse_args(["--allow-model", "a/b", "--allow-model", "c/d", "--single-port"])
+    assert args.allow_model == ["a/b", "c/d"] and args.single_port and args.prior == "toy"
+
+
+def test_plot_frames_mark_knob_changes():
+    history = [{"step": i, "loss": 1.0 / (i + 1), "cfg": 100.0 if i < 5 else 7.5} for i in range(1000)]
+    history[3]["loss"] = math.nan
+    changes = [{"step": 5, "knob": "cfg", "old": 100.0, "new": 7.5},
+               {"step": 9, "knob": "learned_lr", "old": None, "new": 1e-3}]
+    frame = metric_frame(history, changes, PLOTS[0], max_points=300)
+    metric = frame[frame.series == PLOTS[0].title]
+    assert len(metric) <= 301 and metric.step.iloc[-1] == 999 and metric.value.notna().all()
+    marks = frame[frame.series == KNOB_SERIES]
+    assert list(marks.step) == [5, 5, 5, 9, 9, 9]
+    assert list(marks.change[:3]) == ["CFG 100 → 7.5 @ 5"] * 3
+    assert marks.change.iloc[-1] == "learned lr default → 0.001 @ 9"
+    assert marks.value.min() < metric.value.min() <= metric.value.max() < marks.value.max()
+    assert set(plot_colors(PLOTS[0])) == {PLOTS[0].title, KNOB_SERIES}
+    quiet = metric_frame(history, [], PLOTS[0])
+    assert (quiet.series == KNOB_SERIES).sum() == 1  # the series exists from the first update on
+    empty = metric_frame(history, changes, PLOTS[-1])  # a metric this run does not have: invisible points
+    assert list(empty.columns) == ["step", "value", "series", "change"]
+    assert list(empty.series) == [PLOTS[-1].title, KNOB_SERIES] and len(empty) == 2
+
+
+def test_viewer_hook(monkeypatch, manager):
+    import viewer.server
+    from app import viewer_link
+
+    class FakeViewer:
+        def __init__(self, host, port):
+            self.host, self.port, self.url = host, port, f"http://{host}:{port}/"
+            self.snapshots, self.render_fns, self.cleared = [], [], 0
+
+        def update(self, snapshot):
+            self.snapshots.append(snapshot)
+
+        def clear(self):
+            self.cleared += 1
+
+        def set_render_fn(self, fn, lock=None):
+            self.render_fns.append(fn)
+
+    monkeypatch.setattr(viewer.server, "ViewerServer", FakeViewer)
+    link = viewer_link.connect_viewer(manager, "0.0.0.0", 8123)
+    assert 'data-port="8123"' in link.html() and link.server.host == "0.0.0.0"
+    config = build_run_config(**{**{k: v for k, v in GOOD.items() if k != "custom_model"}, "steps": 2},
+                              overrides=OVERRIDES)
+    manager.start(config, owner="a").thread.join(20)
+    assert link.server.cleared == 1 and link.server.render_fns == [None] and link.server.snapshots
+    proxied = viewer_link.connect_viewer(manager, "0.0.0.0", 8124, single_port=True)
+    assert proxied.server.host == "127.0.0.1" and 'src="/viewer/"' in proxied.html()
+
+
+def test_preview_grid_and_text_helpers():
+    grid = preview_grid(torch.rand(3, 3, 16, 16), min_side=64, cols=2)
+    assert grid.dtype.name == "uint8" and grid.shape == (64 * 2 + 4, 64 * 2 + 4, 3)
+    assert md_text("<b>x</b> *y* [z](http://e)\nnext") == "&lt;b&gt;x&lt;/b&gt; \\*y\\* \\[z\\](http://e) next"
+    assert "Ready" in status_text(None, "me")
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs /usr/bin/chromium")
+def test_page_in_a_browser(server):
+    playwright = pytest.importorskip("playwright.sync_api")
+    url, jobs = server
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                                    args=["--no-sandbox", "--headless", "--disable-gpu",
+                                          "--disable-background-networking"])
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_selector("#start", timeout=30_000)
+            assert page.title() == "LODS Studio"
+            page.locator("#prompt textarea").fill("a blue sphere")
+            page.get_by_label("2D image").check()
+            page.locator("#steps input").fill("3000")
+            page.locator("#start").click()
+            page.wait_for_selector("#status :text('Running')", timeout=20_000)
+            job = jobs.current()
+            page.wait_for_selector("#renders img", timeout=20_000)
+            page.locator("#stop").click()
+            page.wait_for_selector("#status :text('Stopped')", timeout=20_000)
+            page.wait_for_selector("#files [aria-label='image.png']", timeout=20_000)
+            assert job.config.prompt == "a blue sphere" and not job.thread.is_alive()
+        finally:
+            browser.close()
