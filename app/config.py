@@ -27,7 +27,7 @@ from lods.trainer import BACKBONES, RunConfig, check_cfg, check_lr
 BUILTIN_PRIORS = ("toy", "sd21")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 APP_METHODS = tuple(m for m in METHODS if m != "dds")  # dds edits an image: `python -m lods edit`
-CFG_MAX = 200.0
+CFG_MAX = 10000.0  # the paper uses 1000 in 3D; larger values show the VSD-like limit (floaters)
 MAX_TEXT = 1000
 MAX_SEED = 2**31 - 1
 KNOBS = ("cfg", "scene_lr_scale", "learned_lr")
