@@ -120,14 +120,21 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_judge(
-    data: dict, out: str | Path = JUDGE_PATH, minutes: float = 10.0, batch: int = 64, seed: int = 0
+    data: dict,
+    out: str | Path = JUDGE_PATH,
+    minutes: float = 10.0,
+    batch: int = 64,
+    seed: int = 0,
+    init: Judge | None = None,
+    lr: float = 2e-3,
 ) -> Judge:
-    """Train on cached renders (``rgb`` uint8, ``captions``) for a time budget; saves safetensors."""
+    """Train on cached renders (``rgb`` uint8, ``captions``) for a time budget, continuing ``init`` if
+    given; saves safetensors."""
     torch.manual_seed(seed)
     random.seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    judge = Judge()
-    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
+    judge = init.train() if init is not None else Judge()
+    opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
     combo_t, ground_t = targets(data["captions"])
     rgb = data["rgb"]
     budget, elapsed = minutes * 60, 0.0
@@ -135,7 +142,7 @@ def train_judge(
     while elapsed < budget:
         t0 = time.time()
         for g in opt.param_groups:
-            g["lr"] = 2e-3 * max(0.05, 1 - elapsed / budget)
+            g["lr"] = lr * max(0.05, 1 - elapsed / budget)
         idx = torch.randint(len(rgb), (batch,), generator=gen)
         x = _augment(rgb[idx].float() / 255, gen)
         combo_logits, ground_logits = judge(x)
