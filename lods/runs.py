@@ -29,7 +29,7 @@ from lods.trainer import RunConfig, Trainer
 
 PRESETS = {
     # Defaults per backbone on the embedded prior (CPU-friendly); YAML files in examples/ override them.
-    "gs": {"steps": 600, "batch": 4},
+    "gs": {"steps": 600, "batch": 2},
     "nerf": {"steps": 600, "batch": 1},
     "image": {"steps": 500, "batch": 1, "cfg": 100.0},
 }

@@ -33,6 +33,8 @@ from lods.scenes.base import RenderOutput, Scene
 from lods.scenes.image import ImageConfig, ImageScene
 
 BACKBONES = ("gs", "nerf", "image")
+# On the small toy prior the paper's SD rates (1e-4 embedding, 5e-7 LoRA) barely move in a few hundred steps.
+TOY_LEARNED_LR = {"lods-embed": 3e-3, "lods-lora": 1e-4}
 
 
 @dataclass
@@ -199,6 +201,8 @@ class Trainer:
         guidance = dict(config.guidance)
         if config.learned_lr is not None:
             guidance["lr"] = config.learned_lr
+        elif config.prior == "toy" and config.method in TOY_LEARNED_LR:
+            guidance["lr"] = TOY_LEARNED_LR[config.method]
         try:
             self.estimator = make_estimator(config.method, self.prior, guidance)
         except ValueError as err:

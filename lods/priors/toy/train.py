@@ -36,6 +36,7 @@ class ToyTrainConfig:
     vae_minutes: float = 12.0
     vae_batch: int = 16
     vae_lr: float = 1e-3
+    vae_object_weight: float = 8.0
     unet_minutes: float = 90.0
     unet_batch: int = 32
     unet_lr: float = 4e-4
@@ -100,6 +101,18 @@ def _images(rgb_u8: torch.Tensor) -> torch.Tensor:
     return rgb_u8.float() / 127.5 - 1.0
 
 
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """L1 + L2 with object pixels weighted up, plus an L2 on 4x4-pooled images.
+
+    On white-background renders most pixels are background; without the weighting a small autoencoder
+    keeps shape and brightness but drops hue, which is exactly what the prior must be able to show.
+    """
+    weight = 1 + object_weight * ((x - 1).abs().amax(1, keepdim=True) > 0.1).float()
+    err = (rec - x).abs() + (rec - x).square()
+    low = F.mse_loss(F.avg_pool2d(rec, 4), F.avg_pool2d(x, 4))
+    return (weight * err).mean() / weight.mean() + object_weight * low
+
+
 def train_vae(cfg: ToyTrainConfig, data: dict) -> AutoencoderKL:
     """Stage 1: reconstruction (L1 + L2) with a tiny KL term; resumes from ``work/vae.pt``."""
     work = Path(cfg.work)
@@ -126,8 +139,8 @@ def train_vae(cfg: ToyTrainConfig, data: dict) -> AutoencoderKL:
             g["lr"] = cfg.vae_lr * max(0.1, 1 - elapsed / budget)
         x = _images(train_rgb[torch.randint(len(train_rgb), (cfg.vae_batch,), generator=gen)])
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
-        loss = (rec - x).abs().mean() + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        rec = vae.decode(post.mode()).sample  # deterministic: sampled latents drown the hue in noise
+        loss = reconstruction_loss(rec, x, cfg.vae_object_weight) + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -210,9 +223,7 @@ def train_unet(cfg: ToyTrainConfig, data: dict, latents: dict) -> tuple[UNet2DCo
                 * (0.5 * (1 + torch.cos(torch.tensor(torch.pi * elapsed / budget)).item()) * 0.9 + 0.1)
             )
         idx = keep[torch.randint(len(keep), (cfg.unet_batch,), generator=gen)]
-        z0 = (
-            latents["mean"][idx] + latents["std"][idx] * torch.randn(latents["mean"][idx].shape, generator=gen)
-        ) * scaling
+        z0 = latents["mean"][idx] * scaling  # the posterior mean, which the prior's encode_images also uses
         batch_ids = ids[idx].clone()
         drop = torch.rand(len(idx), generator=gen) < cfg.caption_dropout
         batch_ids[drop] = null_ids
