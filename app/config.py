@@ -22,7 +22,7 @@ from typing import Any
 from lods.errors import UserError
 from lods.guidance import DEFAULT_LR, METHODS
 from lods.runs import PRESETS
-from lods.trainer import BACKBONES, RunConfig, check_cfg, check_lr
+from lods.trainer import BACKBONES, TOY_LEARNED_LR, RunConfig, check_cfg, check_lr
 
 BUILTIN_PRIORS = ("toy", "sd21")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -121,6 +121,13 @@ def checked_knob(name: str, value: Any) -> float:
     if name == "learned_lr":
         return check_lr(_number(value, "learned-parameter learning rate"), "learned-parameter learning rate")
     raise UserError(f"unknown knob {name!r}")
+
+
+def default_learned_lr(method: str, prior: str) -> float:
+    """The learned-parameter rate a run starts with: the toy prior's own, else the method's default."""
+    if prior == "toy" and method in TOY_LEARNED_LR:
+        return TOY_LEARNED_LR[method]
+    return DEFAULT_LR.get(method, 0.0)
 
 
 def learns_parameters(method: str) -> bool:

@@ -25,12 +25,12 @@ from app.config import (
     MAX_TEXT,
     ModelPolicy,
     build_run_config,
+    default_learned_lr,
     learns_parameters,
 )
 from app.jobs import Job, JobManager, NotOwner, one_line
 from app.plots import PLOTS, metric_frame, placeholder_frame, plot_colors, preview_grid
 from lods.errors import UserError
-from lods.guidance import DEFAULT_LR
 from lods.runs import PRESETS
 
 TITLE = "LODS Studio"
@@ -83,7 +83,7 @@ class Defaults:
 
     @property
     def learned_lr(self) -> float:
-        return DEFAULT_LR.get(self.method, 0.0)
+        return default_learned_lr(self.method, "toy")
 
 
 DEFAULTS = Defaults()
@@ -243,9 +243,9 @@ class Studio:
     # ------------------------------------------------------------------ other controls
 
     @staticmethod
-    def method_changed(method: Any) -> Any:
+    def method_changed(method: Any, prior: Any) -> Any:
         learns = learns_parameters(method)
-        return gr.update(value=DEFAULT_LR.get(method, 0.0), interactive=learns,
+        return gr.update(value=default_learned_lr(method, prior), interactive=learns,
                          info="alpha or LoRA step size (live)" if learns else "this method learns no parameters")
 
     @staticmethod
@@ -394,7 +394,8 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
         scene_lr.release(studio.set_scene_lr, scene_lr, note, api_name="set_scene_lr", **quick)
         gr.on([learned_lr.submit, learned_lr.blur], studio.set_learned_lr, learned_lr, note,
               api_name="set_learned_lr", **quick)
-        method.change(studio.method_changed, method, learned_lr, api_visibility="private", **quick)
+        gr.on([method.change, prior.change], studio.method_changed, [method, prior], learned_lr,
+              api_visibility="private", **quick)
         backbone.change(studio.backbone_changed, backbone, steps, api_visibility="private", **quick)
         timer = gr.Timer(settings.poll_seconds)
         timer.tick(studio.poll, view, polled, api_name="poll", trigger_mode="always_last", **quick)
