@@ -368,6 +368,15 @@ class _Learner(Estimator):
         for p in self.params:
             p.requires_grad_(on)
 
+    def _merged_forward(self, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, noise: torch.Tensor):
+        """Section 3.7: the learned branch's forward, its graph kept so that ``update`` needs no new forward."""
+        self._set_trainable(True)
+        with torch.enable_grad():
+            eps = self._eps(z_t, t, _per_view(emb, z_t.shape[0]))  # expanded here, inside the graph
+            self._pending = denoising_loss(eps, noise)
+        self._set_trainable(False)
+        return eps.detach()
+
     def _noisy_uniform(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """t uniform in [0, T), fresh noise, and z_t from detached latents: the diffusion training objective."""
         t = torch.randint(0, self.prior.num_train_timesteps, (z.shape[0],), device=z.device)
@@ -440,12 +449,7 @@ class LodsEmbed(_Learner):
             eps_c, eps_a = self._pair(z_t, t, text_emb, alpha)
         else:
             eps_c = self._eps(z_t, t, text_emb)
-            self._set_trainable(True)
-            with torch.enable_grad():
-                eps_a = self._eps(z_t, t, self.alpha.expand(n, -1, -1))
-                self._pending = denoising_loss(eps_a, noise)
-            self._set_trainable(False)
-            eps_a = eps_a.detach()
+            eps_a = self._merged_forward(z_t, t, self.alpha, noise)
         return sds_norm_direction(eps_c, eps_a, noise, cfg), {"cfg": cfg}
 
     def update(self, z, text_emb, null_emb, cameras=None):
@@ -501,12 +505,7 @@ class LodsLora(_Learner):
             if not self.config.merge_update:
                 eps_u = self._eps(z_t, t, null_emb)
             else:
-                self._set_trainable(True)
-                with torch.enable_grad():
-                    eps_u = self._eps(z_t, t, null_emb)
-                    self._pending = denoising_loss(eps_u, noise)
-                self._set_trainable(False)
-                eps_u = eps_u.detach()
+                eps_u = self._merged_forward(z_t, t, null_emb, noise)
         return sds_norm_direction(eps_c, eps_u, noise, cfg), {"cfg": cfg}
 
     def update(self, z, text_emb, null_emb, cameras=None):
