@@ -1,6 +1,6 @@
 """2D generation on the toy prior: SDS at CFG 7.5 and 100 against LODS-embed at CFG 100, side by side.
 
-    python examples/compare_2d.py --out runs/compare-2d [--steps 500] [--prompts "a red cube" ...]
+    python -m examples.compare_2d --out runs/compare-2d [--steps 500] [--prompts "a red cube" ...]
 
 Writes ``grid.png`` (one row per prompt: world render, then each method), ``results.json`` and
 ``table.md`` with the mean saturation and value of object pixels and the share of clipped pixels,
