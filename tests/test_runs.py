@@ -244,3 +244,18 @@ def test_bench_guidance_counts_match_fig3(tiny_prior):
         assert lods_row["unet_backward"] == sds["unet_backward"] + 1
     assert vsd["unet_forward"] + vsd["unet_backward"] > lods_e["unet_forward"] + lods_e["unet_backward"]
     assert all(r["seconds_per_step"] > 0 for r in rows.values())
+
+
+def test_example_configs_are_valid_run_configs():
+    from pathlib import Path
+
+    import yaml
+
+    files = sorted((Path(__file__).parent.parent / "examples" / "configs").glob("*.yaml"))
+    assert len(files) >= 5
+    for f in files:
+        cfg = RunConfig.from_dict({"prompt": "a red cube", **yaml.safe_load(f.read_text())})
+        cfg.validate()
+        from lods.guidance import GuidanceConfig
+
+        GuidanceConfig.from_dict(cfg.guidance)
