@@ -86,6 +86,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     from lods.trainer import load_prior
 
     prior = load_prior(args.prior, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if prior.device.type == "cpu" and args.prior == "toy":
+        torch.set_num_threads(1)  # as the trainer does: the toy prior's ops are too small to split
     rows = bench_guidance(prior, steps=args.steps)
     unet_ms = bench_unet_forward(prior)
     print(format_table(rows))

@@ -51,6 +51,7 @@ class RunConfig:
     steps: int = 600
     seed: int = 0
     device: str | None = None
+    threads: int | None = None  # CPU threads for torch; None: 1 with the toy prior (its ops are too small to split)
     batch: int = 4  # views per step
     resolution: int | None = None  # render size; None: the prior's native size
     lr: dict[str, float] = field(default_factory=dict)  # scene learning rates by group name (empty: defaults)
@@ -168,6 +169,9 @@ class Trainer:
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+        if self.device.type == "cpu" and (config.threads or config.prior == "toy"):
+            # Measured on 2 cores: the toy prior's UNet forward takes 23 ms on 1 thread and 36 ms on 2.
+            torch.set_num_threads(config.threads or 1)
         self.on_snapshot = on_snapshot
         self.lock = threading.Lock()  # guards knobs and the published snapshot (held for microseconds)
         self.scene_lock = threading.Lock()  # guards the live scene: held by a training step and by renders
