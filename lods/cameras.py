@@ -14,7 +14,6 @@ distribution so that the prior has seen every view the 3D trainer asks it about.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -175,6 +174,3 @@ def view_suffix(azimuth_deg: float, elevation_deg: float, overhead_above: float 
         return "back view"
     return "side view"
 
-
-def fov_to_focal(fovy_rad: float, height: int) -> float:
-    return 0.5 * height / math.tan(0.5 * fovy_rad)

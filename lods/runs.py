@@ -36,12 +36,10 @@ PRESETS = {
 }
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
-
-
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Merge, in order: backbone preset, ``--resume`` folder's config, ``--config`` YAML, flags, ``--set``."""
+    """Merge, later winning: ``--resume`` folder's config, ``--config`` YAML, flags, ``--set``; then the
+    backbone's preset fills what is still unset. ``--lr`` is the image's learning rate (2D) or a multiplier
+    of every scene learning rate (3D)."""
     cfg: dict[str, Any] = {}
     resume = getattr(args, "resume", None)
     if resume:
@@ -76,9 +74,6 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "edit":
         cfg.update(backbone="image", source_prompt=args.source_prompt)
         cfg.setdefault("method", "dds")
-    if args.lr is not None:
-        cfg.setdefault("lr", {})
-        cfg["lr"] = {**cfg["lr"], "__all__": args.lr}
     for item in args.set:
         if "=" not in item:
             raise UserError(f"--set expects KEY=VALUE, not {item!r}")
@@ -87,27 +82,19 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = _parse_value(value)
+        node[leaf] = yaml.safe_load(value)
     backbone = cfg.get("backbone", "gs")
+    if args.lr is not None:
+        if backbone == "image":
+            cfg["lr"] = {**(cfg.get("lr") or {}), "image": args.lr}
+        else:
+            cfg["lr_scale"] = args.lr
     for k, v in PRESETS.get(backbone, {}).items():
         cfg.setdefault(k, v)
     if backbone == "gs" and cfg.get("prior", "toy") == "toy":
         # 64x64 renders need few splats: capping densification keeps CPU runs above 5 it/s (19k splats: 3.7 it/s).
         cfg["gaussians"] = {"max_points": TOY_MAX_GAUSSIANS, **(cfg.get("gaussians") or {})}
     return cfg
-
-
-def _resolve_lr(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
-    """``--lr X``: the image's learning rate (2D), or a multiplier of every scene learning rate (3D)."""
-    lr = dict(trainer_cfg.get("lr") or {})
-    if "__all__" in lr:
-        value = lr.pop("__all__")
-        if trainer_cfg.get("backbone") == "image":
-            lr["image"] = value
-        else:
-            trainer_cfg["lr_scale"] = value
-    trainer_cfg["lr"] = lr
-    return trainer_cfg
 
 
 def load_image(path: str | Path, size: int) -> torch.Tensor:
@@ -123,7 +110,7 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    cfg_dict = _resolve_lr(config_from_args(args))
+    cfg_dict = config_from_args(args)
     try:
         config = RunConfig.from_dict(cfg_dict)
     except TypeError as err:

@@ -27,7 +27,7 @@ from lods import metrics
 from lods.cameras import CameraRange, Cameras, sample_cameras, turntable, view_suffix
 from lods.errors import UserError
 from lods.export import atomic_path
-from lods.guidance import METHODS, Dds, GuidanceConfig, LodsEmbed, make_estimator
+from lods.guidance import METHODS, Dds, LodsEmbed, make_estimator
 from lods.priors.base import DiffusionPrior
 from lods.scenes.base import RenderOutput, Scene
 from lods.scenes.image import ImageConfig, ImageScene
@@ -128,13 +128,6 @@ class Knobs:
     t_max: float | None = None
     paused: bool = False
     stop: bool = False
-
-
-@dataclass
-class StepStats:
-    step: int
-    time: float
-    stats: dict[str, float]
 
 
 @dataclass
@@ -562,5 +555,3 @@ def build_scene(
     except (TypeError, ValueError) as err:
         raise UserError(f"bad {config.backbone} settings: {err}") from err
 
-
-__all__ = ["RunConfig", "Knobs", "Snapshot", "Trainer", "GuidanceConfig", "Dds", "check_cfg", "check_lr"]
