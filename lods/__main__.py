@@ -11,13 +11,25 @@ import sys
 
 from lods.errors import UserError
 
-NOT_BUILT = "not available in this version yet"
+
+def _add_executor_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", default="sequential", choices=["sequential", "ray"],
+                   help="run one after the other here (default) or as Ray tasks (one GPU each where there are GPUs)")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+def _add_run_options(
+    p: argparse.ArgumentParser,
+    cfg_help: str = "classifier-free guidance weight w (inf allowed)",
+    cfg_type: type = float,
+    cfg_required: bool = False,
+    method: bool = True,
+) -> None:
     p.add_argument("--prior", default=None, help="toy (default), sd21, a diffusers hub id or a local folder")
-    p.add_argument("--method", default=None, help="sds, sds-ref, sds-norm, lods-embed, lods-lora, vsd, cfg-anneal, dds")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight w (inf allowed)")
+    if method:
+        p.add_argument("--method", default=None,
+                       help="sds, sds-ref, sds-norm, lods-embed, lods-lora, vsd, cfg-anneal, dds")
+    p.add_argument("--cfg", type=cfg_type, default=None, required=cfg_required, help=cfg_help)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -51,14 +63,37 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt", required=True)
     _add_run_options(e)
 
-    sub.add_parser("sweep", help=f"several methods / CFG values, one table and one grid ({NOT_BUILT})")
-    sub.add_parser("batch", help=f"many prompts and methods, resumable, optionally on Ray ({NOT_BUILT})")
+    sw = sub.add_parser("sweep", help="several methods x CFG weights on one prompt: one image grid, one table")
+    sw.add_argument("--prompt", required=True)
+    sw.add_argument("--methods", default=None, help="comma-separated methods (default: lods-embed)")
+    sw.add_argument("--backbone", default=None, help="gs (default), nerf (the paper's Fig. 5) or image")
+    _add_run_options(sw, cfg_help="comma-separated CFG weights, e.g. 7.5,30,100,1000,inf", cfg_type=str,
+                     cfg_required=True, method=False)
+    _add_executor_options(sw)
 
-    b = sub.add_parser("bench", help="benchmarks (guidance: UNet passes and time per step per estimator)")
+    ba = sub.add_parser("batch", help="many prompts x methods, one folder each, resumable, optionally on Ray")
+    ba.add_argument("--prompts", required=True, help="a text file, one prompt per line (e.g. examples/prompts/)")
+    ba.add_argument("--methods", required=True, help="comma-separated methods, e.g. sds,lods-embed")
+    ba.add_argument("--backbone", default=None, help="gs (default), nerf or image")
+    ba.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    _add_run_options(ba, method=False)
+    _add_executor_options(ba)
+
+    b = sub.add_parser(
+        "bench",
+        help="benchmarks: guidance (UNet passes per estimator), speed (time per phase), quality (the paper's claims)",
+    )
     b.add_argument("what", choices=["guidance", "speed", "quality"])
     b.add_argument("--prior", default="toy")
-    b.add_argument("--steps", type=int, default=5)
-    b.add_argument("--out", default=None, help="write the results as JSON here")
+    b.add_argument("--steps", type=int, default=None,
+                   help="steps per measurement (guidance 5, speed 20) or per run (quality 200, quick 150)")
+    b.add_argument("--out", default=None, help="guidance: a JSON file; speed, quality: a folder")
+    b.add_argument("--quick", action="store_true", help="quality: 3 prompts, 5 methods, 1 seed (about 15 min on CPU)")
+    b.add_argument("--seeds", type=int, default=None, help="quality: seeds per prompt and method (default 2, quick 1)")
+    b.add_argument("--backbones", default="gs,nerf,image", help="speed: comma-separated backbones")
+    b.add_argument("--methods", default=None, help="speed: comma-separated estimators (default: all)")
+    b.add_argument("--device", default=None, help="speed: cpu or cuda (default: cuda when available)")
+    _add_executor_options(b)
 
     t = sub.add_parser("toy-prior", help="the embedded prior: render, train, sample, judge")
     tsub = t.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
@@ -72,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--out", default=None, help="pipeline folder (default: the package's shipped weights)")
     tt.add_argument("--vae-minutes", type=float, default=12.0)
     tt.add_argument("--unet-minutes", type=float, default=90.0)
+    tt.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ts = tsub.add_parser("sample", help="DDIM samples of a prompt")
     ts.add_argument("--prompt", required=True)
     ts.add_argument("--n", type=int, default=8)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from lods.errors import UserError
 from lods.guidance import METHODS, make_estimator
 
 
@@ -81,14 +80,12 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    if args.what != "guidance":
-        raise UserError(f"`bench {args.what}` is not available in this version yet; `bench guidance` is")
     from lods.trainer import load_prior
 
     prior = load_prior(args.prior, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if prior.device.type == "cpu" and args.prior == "toy":
         torch.set_num_threads(1)  # as the trainer does: the toy prior's ops are too small to split
-    rows = bench_guidance(prior, steps=args.steps)
+    rows = bench_guidance(prior, steps=args.steps or 5)
     unet_ms = bench_unet_forward(prior)
     print(format_table(rows))
     print(f"batch-1 UNet forward at {prior.image_size}x{prior.image_size}: {unet_ms:.1f} ms (median)")

@@ -18,9 +18,25 @@ def run(args: argparse.Namespace) -> int:
 
         return runs.run_from_args(args)
     if args.command == "bench":
+        if args.what == "quality":
+            from lods import quality
+
+            return quality.run_from_args(args)
+        if args.what == "speed":
+            from lods import speed
+
+            return speed.run_from_args(args)
         from lods import bench
 
         return bench.run_from_args(args)
+    if args.command == "sweep":
+        from lods import sweep
+
+        return sweep.run_from_args(args)
+    if args.command == "batch":
+        from lods import batch
+
+        return batch.run_from_args(args)
     raise UserError(f"`{args.command}` is not available in this version yet")
 
 
@@ -39,6 +55,7 @@ def _toy_prior(args: argparse.Namespace) -> int:
             out=args.out or str(WEIGHTS_DIR),
             vae_minutes=args.vae_minutes,
             unet_minutes=args.unet_minutes,
+            threads=args.threads,
         )
         if not list(Path(cfg.cache).glob("chunk_*.pt")):
             raise UserError(

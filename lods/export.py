@@ -98,6 +98,16 @@ def image_grid(images, cols: int | None = None, pad: int = 2) -> np.ndarray:
     return grid
 
 
+def read_views(path: str | Path, pad: int = 2) -> np.ndarray:
+    """The views (N, h, w, 3) uint8 of a one-row grid written by :func:`image_grid` (e.g. ``views.png``)."""
+    import imageio.v2 as imageio
+
+    grid = np.asarray(imageio.imread(path))[..., :3]
+    h = grid.shape[0] - 2 * pad
+    n = (grid.shape[1] - pad) // (h + pad)
+    return np.stack([grid[pad : pad + h, pad + i * (h + pad) : pad + i * (h + pad) + h] for i in range(n)])
+
+
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 24) -> Path:
     """(N, H, W, 3) uint8 frames as H.264 ``.mp4`` (sizes padded to even numbers)."""
     import imageio.v2 as imageio

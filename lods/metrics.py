@@ -46,9 +46,10 @@ def color_stats(images: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     }
 
 
-def floater_score(alpha: torch.Tensor, threshold: float = 0.5) -> float:
-    """Share of rendered alpha outside the largest 8-connected component of ``alpha > threshold``,
-    averaged over views. 0 for one solid object; near 1 for dust everywhere."""
+def floater_score(alpha: torch.Tensor, threshold: float = 0.5, components: int = 1) -> float:
+    """Share of rendered alpha outside the ``components`` largest 8-connected components of
+    ``alpha > threshold`` (one per object of the caption), averaged over views. 0 for solid objects;
+    near 1 for dust everywhere."""
     a = (alpha[:, 0] if alpha.dim() == 4 else alpha).detach().float().cpu().numpy()
     scores = []
     for view in a:
@@ -61,7 +62,7 @@ def floater_score(alpha: torch.Tensor, threshold: float = 0.5) -> float:
             scores.append(1.0)
             continue
         sizes = ndimage.sum(view, labels, index=np.arange(1, n + 1))
-        main = labels == (int(np.argmax(sizes)) + 1)
+        main = np.isin(labels, np.argsort(sizes)[::-1][:components] + 1)
         scores.append(float(view[~main].sum() / total))
     return float(np.mean(scores))
 

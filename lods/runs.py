@@ -135,8 +135,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     return run_and_export(trainer, out)
 
 
-def run_and_export(trainer: Trainer, out: Path, show_progress: bool = True) -> int:
-    """Train with a progress bar, then write the contract's files into ``out``."""
+def run_and_export(trainer: Trainer, out: Path, show_progress: bool = True, video: bool = True) -> int:
+    """Train with a progress bar, then write the contract's files into ``out`` (``video=False``: no
+    turntable video, for benchmarks)."""
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "config.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(asdict(trainer.config), sort_keys=False))
@@ -158,7 +159,7 @@ def run_and_export(trainer: Trainer, out: Path, show_progress: bool = True) -> i
     bar.close()
     trainer.close()
     seconds = time.perf_counter() - t0
-    results = export_results(trainer, out)
+    results = export_results(trainer, out, video_frames=60 if video else 0)
     summary = {
         "prompt": trainer.config.prompt,
         "method": trainer.config.method,
@@ -180,7 +181,8 @@ def run_and_export(trainer: Trainer, out: Path, show_progress: bool = True) -> i
         tmp.write_text("".join(json.dumps(h, default=_json_default) + "\n" for h in trainer.history))
     if status == "diverged":
         raise UserError(trainer.message)
-    print(f"{status}: {trainer.step} steps in {seconds:.1f} s; results in {out}")
+    if show_progress:
+        print(f"{status}: {trainer.step} steps in {seconds:.1f} s; results in {out}")
     return 0
 
 
@@ -210,9 +212,10 @@ def export_results(trainer: Trainer, out: Path, views: int = 8, video_frames: in
     grid_out = trainer.render_views(turntable(views, size))
     export.write_png(out / "views.png", export.image_grid(grid_out.rgb.float().cpu(), cols=views))
     files["views"] = "views.png"
-    frames = [trainer.render_views(turntable(video_frames, size * 2)).rgb.float().cpu()]
-    export.write_video(out / "turntable.mp4", export.to_uint8_frames(torch.cat(frames)), fps=24)
-    files["video"] = "turntable.mp4"
+    if video_frames:
+        frames = trainer.render_views(turntable(video_frames, size * 2)).rgb.float().cpu()
+        export.write_video(out / "turntable.mp4", export.to_uint8_frames(frames), fps=24)
+        files["video"] = "turntable.mp4"
     if hasattr(scene, "to_ply_attributes"):
         export.write_gaussians_ply(out / "scene.ply", **scene.to_ply_attributes())
         files["scene"] = "scene.ply"

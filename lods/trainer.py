@@ -29,6 +29,7 @@ from lods.errors import UserError
 from lods.export import atomic_path
 from lods.guidance import METHODS, Dds, LodsEmbed, make_estimator
 from lods.priors.base import DiffusionPrior
+from lods.profiling import PhaseTimer
 from lods.scenes.base import RenderOutput, Scene
 from lods.scenes.image import ImageConfig, ImageScene
 
@@ -218,6 +219,7 @@ class Trainer:
                     # Section 3.5: when editing, the learned null condition starts at the source caption.
                     self.null_emb = source_emb
         self.preview_cameras = turntable(config.preview_views, self.resolution)
+        self.timer = PhaseTimer(enabled=False, device=self.device)  # enabled by `bench speed`
         self.checkpoint_step = 0
         self._t_last = time.perf_counter()
         self._rate = 0.0
@@ -299,9 +301,12 @@ class Trainer:
 
     def render_latents(self, cameras: Cameras) -> tuple[torch.Tensor, RenderOutput | None]:
         if isinstance(self.scene, ImageScene):
-            return self.scene.latents(self.prior, len(cameras)), None
-        out = self.scene.render(cameras.to(self.device), self._background(len(cameras)))
-        return self.prior.encode_images(out.rgb), out
+            with self.timer.phase("render"):
+                return self.scene.latents(self.prior, len(cameras)), None
+        with self.timer.phase("render"):
+            out = self.scene.render(cameras.to(self.device), self._background(len(cameras)))
+        with self.timer.phase("encode"):
+            return self.prior.encode_images(out.rgb), out
 
     def train_step(self) -> dict[str, float]:
         """One iteration of Algorithm 1: theta step (line 5), then the learned parameters' step (line 6)."""
@@ -311,9 +316,11 @@ class Trainer:
         cams = sample_cameras(self.config.batch, self.resolution, ranges=self.camera_range, generator=self.camera_gen)
         text_emb = self.text_embeddings(cams)
         z, out = self.render_latents(cams)
-        g = self.estimator.step(z, text_emb, self.null_emb, knobs.cfg, self.step, cams)
+        with self.timer.phase("guidance"):
+            g = self.estimator.step(z, text_emb, self.null_emb, knobs.cfg, self.step, cams)
         self.optimizer.zero_grad(set_to_none=True)
-        g.loss.backward()
+        with self.timer.phase("backward"):
+            g.loss.backward()
         scene_grad = math.sqrt(
             sum(
                 float(p.grad.square().sum())
@@ -322,9 +329,12 @@ class Trainer:
                 if p.grad is not None
             )
         )
-        self.optimizer.step()
-        update = self.estimator.update(z.detach(), text_emb, self.null_emb, cams) or {}
-        dens = self.scene.post_step(self.step, out, self.optimizer)
+        with self.timer.phase("optimizer"):
+            self.optimizer.step()
+        with self.timer.phase("learned_update"):
+            update = self.estimator.update(z.detach(), text_emb, self.null_emb, cams) or {}
+        with self.timer.phase("densify"):
+            dens = self.scene.post_step(self.step, out, self.optimizer)
         if any(g["name"] not in self.base_lrs for g in self.optimizer.param_groups):
             self.base_lrs.update({g["name"]: g["lr"] for g in self.optimizer.param_groups})
         stats = {"step": self.step, "loss": float(g.loss.detach()), "scene_grad_norm": scene_grad, **g.stats}
@@ -434,6 +444,10 @@ class Trainer:
 
     @torch.no_grad()
     def publish(self) -> Snapshot:
+        with self.timer.phase("snapshot"):
+            return self._publish()
+
+    def _publish(self) -> Snapshot:
         with self.scene_lock:
             out = self.render_views(self.preview_cameras)
             gauss = self.scene.viewer_gaussians() if hasattr(self.scene, "viewer_gaussians") else None

@@ -182,7 +182,9 @@ class DiffusersPrior:
         """Load "sd21", "toy", a hub id or a local Stable-Diffusion-format folder (see the module docstring)."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a bar per component load is noise (downloads keep their own bars)
         root = resolve_source(id_or_dir)
         check_folder(root)
         torch_dtype = resolve_dtype(torch.device(device), dtype)

@@ -8,6 +8,7 @@ combination (held-out ones included: it is a measuring instrument, not a generat
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -110,13 +111,37 @@ def load_judge(path: str | Path = JUDGE_PATH) -> Judge:
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Label-preserving augmentation: mirror, small zoom and shift (white border), light photometric jitter.
+
+    Hue is never touched, since colour is what the judge names."""
     b = len(x)
+    flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
+    zoom = 1 + 0.24 * (torch.rand(b, generator=gen) - 0.5)
+    shift = 0.24 * (torch.rand(b, 2, generator=gen) - 0.5)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = flip / zoom
+    theta[:, 1, 1] = 1 / zoom
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = 1 - F.grid_sample(1 - x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     contrast = 1 + 0.3 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
     x = (x - 0.5) * contrast + 0.5 + 0.05 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
     x = x + torch.randn(x.shape, generator=gen) * 0.04 * torch.rand(b, 1, 1, 1, generator=gen)
-    if random.random() < 0.3:
+    if float(torch.rand(1, generator=gen)) < 0.3:
         x = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     return x.clamp(0, 1)
+
+
+def _render_multi(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """``n`` fresh two-object renders (uint8) and their captions, reproducible by ``seed``."""
+    from lods.cameras import sample_cameras
+    from lods.priors.toy.world import random_scene, render_scenes
+
+    rng = random.Random(seed)
+    scenes = [random_scene(rng, "multi", allow_held_out=True) for _ in range(n)]
+    cams = sample_cameras(n, 64, generator=torch.Generator().manual_seed(seed))
+    rgb = (render_scenes(scenes, cams, rng).rgb * 255).round().to(torch.uint8)
+    return rgb, [s.caption for s in scenes]
 
 
 def train_judge(
@@ -127,35 +152,113 @@ def train_judge(
     seed: int = 0,
     init: Judge | None = None,
     lr: float = 2e-3,
+    multi_fraction: float = 0.5,
+    fresh_per_step: int = 8,
+    work_dir: str | Path | None = None,
 ) -> Judge:
     """Train on cached renders (``rgb`` uint8, ``captions``) for a time budget, continuing ``init`` if
-    given; saves safetensors."""
+    given; saves safetensors.
+
+    Each batch holds ``multi_fraction`` two-object scenes (the hard case), ``fresh_per_step`` of them
+    rendered anew at every step and kept in the pool, so that the judge sees far more pairings than the
+    cache holds. The learning rate follows a cosine over the budget (time spent rendering included).
+    With ``work_dir`` the run is resumable: a checkpoint and the fresh renders are kept there, and a
+    rerun with the same arguments continues where the last one stopped.
+    """
     torch.manual_seed(seed)
     random.seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    judge = init.train() if init is not None else Judge()
+    judge = init.train() if init is not None else Judge().train()
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
-    combo_t, ground_t = targets(data["captions"])
-    rgb = data["rgb"]
-    budget, elapsed = minutes * 60, 0.0
-    bar = tqdm(total=int(budget), desc="judge", unit="s")
+    rgb, captions = data["rgb"], list(data["captions"])
+    step, elapsed = 0, 0.0
+    work = Path(work_dir) if work_dir is not None else None
+    ckpt = work / "judge_ckpt.pt" if work is not None else None
+    fresh_rgb: list[torch.Tensor] = []
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        for p in sorted(work.glob("fresh_*.pt")):
+            part = torch.load(p)
+            fresh_rgb.append(part["rgb"])
+            captions += part["captions"]
+        if ckpt.exists():
+            state = torch.load(ckpt)
+            judge.load_state_dict(state["judge"])
+            opt.load_state_dict(state["opt"])
+            step, elapsed = state["step"], state["elapsed"]
+            gen.set_state(state["gen"])
+    n_base = len(rgb)
+    n_fresh_saved = sum(len(f) for f in fresh_rgb)
+    # Fresh renders go into a buffer that grows by doubling (the cache itself is never copied).
+    pool = torch.cat(fresh_rgb) if fresh_rgb else torch.zeros(0, *rgb.shape[1:], dtype=torch.uint8)
+    n_pool = len(pool)
+    pending_rgb: list[torch.Tensor] = []
+    pending_caps: list[str] = []
+    combo_t, ground_t = targets(captions)
+    multi = torch.tensor([parse_caption(c).category == "multi" for c in captions]).nonzero().flatten()
+
+    def save_checkpoint() -> None:
+        nonlocal n_fresh_saved, pending_rgb, pending_caps
+        if pending_caps:
+            part = {"rgb": torch.cat(pending_rgb), "captions": pending_caps}
+            path = work / f"fresh_{n_fresh_saved:08d}.pt"
+            torch.save(part, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+            n_fresh_saved += len(pending_caps)
+            pending_rgb, pending_caps = [], []
+        state = {"judge": judge.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
+                 "gen": gen.get_state()}
+        torch.save(state, ckpt.with_suffix(".tmp"))
+        ckpt.with_suffix(".tmp").replace(ckpt)
+
+    budget, last_save = minutes * 60, elapsed
+    bar = tqdm(total=int(budget), initial=int(elapsed), desc="judge", unit="s")
     while elapsed < budget:
         t0 = time.time()
         for g in opt.param_groups:
-            g["lr"] = lr * max(0.05, 1 - elapsed / budget)
-        idx = torch.randint(len(rgb), (batch,), generator=gen)
-        x = _augment(rgb[idx].float() / 255, gen)
+            g["lr"] = lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget))))
+        n_multi = round(batch * multi_fraction) if len(multi) else 0
+        n_new = min(fresh_per_step, n_multi)
+        idx = torch.cat([
+            torch.randint(n_base + n_pool, (batch - n_multi,), generator=gen),
+            multi[torch.randint(max(1, len(multi)), (n_multi - n_new,), generator=gen)],
+        ])
+        in_base = idx < n_base
+        x = torch.empty(len(idx), *rgb.shape[1:], dtype=torch.uint8)
+        x[in_base] = rgb[idx[in_base]]
+        x[~in_base] = pool[idx[~in_base] - n_base]
+        c_t, g_t = combo_t[idx], ground_t[idx]
+        if n_new:
+            new_rgb, new_caps = _render_multi(n_new, seed * 1_000_003 + step + 1)
+            new_c, new_g = targets(new_caps)
+            x, c_t, g_t = torch.cat([x, new_rgb]), torch.cat([c_t, new_c]), torch.cat([g_t, new_g])
+            if n_pool + n_new > len(pool):
+                grown = torch.zeros(max(2 * len(pool), n_pool + n_new, 1024), *pool.shape[1:], dtype=torch.uint8)
+                grown[:n_pool] = pool[:n_pool]
+                pool = grown
+            pool[n_pool : n_pool + n_new] = new_rgb
+            first = n_base + n_pool
+            n_pool += n_new
+            combo_t, ground_t = torch.cat([combo_t, new_c]), torch.cat([ground_t, new_g])
+            multi = torch.cat([multi, torch.arange(first, first + n_new)])
+            pending_rgb.append(new_rgb)
+            pending_caps += new_caps
+        x = _augment(x.float() / 255, gen)
         combo_logits, ground_logits = judge(x)
-        loss = F.binary_cross_entropy_with_logits(combo_logits, combo_t[idx]) * 10 + F.cross_entropy(
-            ground_logits, ground_t[idx]
-        )
+        loss = F.binary_cross_entropy_with_logits(combo_logits, c_t) * 10 + F.cross_entropy(ground_logits, g_t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        step += 1
         elapsed += time.time() - t0
         bar.update(int(elapsed) - bar.n)
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if ckpt is not None and elapsed - last_save > 120:
+            save_checkpoint()
+            last_save = elapsed
     bar.close()
+    if ckpt is not None:
+        save_checkpoint()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

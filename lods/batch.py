@@ -1,0 +1,224 @@
+"""``python -m lods batch``: many prompts x methods, one result folder each, resumable, optionally on Ray.
+
+A job is a plain config dict (the :class:`~lods.trainer.RunConfig` keys) and an output folder. A job
+whose folder holds a ``summary.json`` of a finished run is skipped, so an interrupted batch picks up
+where it stopped. Executors: ``sequential`` (this process) or ``ray`` (one task per job, one GPU each
+when the cluster has GPUs, else one CPU each; ``--ray-address`` joins an existing cluster, whose
+nodes need this package installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import re
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from lods.errors import UserError
+
+EXECUTORS = ("sequential", "ray")
+
+
+@dataclass
+class Job:
+    """One run: its config (RunConfig keys) and the folder that receives its files."""
+
+    config: dict[str, Any]
+    out: str
+
+
+def slug(text: str, limit: int = 48) -> str:
+    """A folder name for a prompt: lower-case words joined by dashes, plus a short hash against collisions."""
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
+    return f"{words or 'prompt'}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with ``#`` are skipped."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"prompt file {p} not found")
+    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    prompts = [x for x in prompts if x and not x.startswith("#")]
+    if not prompts:
+        raise UserError(f"{p} holds no prompts")
+    return prompts
+
+
+def is_done(out: str | Path) -> bool:
+    path = Path(out) / "summary.json"
+    if not path.exists():
+        return False
+    try:
+        return json.loads(path.read_text()).get("status") == "done"
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+_PRIORS: dict[tuple[str, str], Any] = {}
+
+
+def cached_prior(name: str, device: str | None):
+    """One loaded prior per (name, device) per process: jobs of a batch share it (estimators detach
+    whatever they attach when a run closes)."""
+    import torch
+
+    from lods.trainer import load_prior
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    key = (name, str(dev))
+    if key not in _PRIORS:
+        _PRIORS[key] = load_prior(name, dev)
+    return _PRIORS[key]
+
+
+def run_job(job: Job, video: bool = True, after: Callable[[Any, Path], Any] | None = None) -> dict[str, Any]:
+    """Run one job in this process (skipped when already done); returns its summary. ``after(trainer, out)``
+    is called on the trained scene (rebuilt from its checkpoint when the run was done before)."""
+    from lods.trainer import RunConfig, Trainer
+
+    out = Path(job.out)
+    config = RunConfig.from_dict(dict(job.config))
+    config.validate()
+    trainer = None
+    if not is_done(out):
+        from lods.runs import run_and_export
+
+        trainer = Trainer(config, prior=cached_prior(config.prior, config.device), out_dir=out)
+        try:
+            ck = out / "checkpoint.pt"
+            if ck.exists():  # an interrupted run continues from its last checkpoint
+                trainer.load_checkpoint(ck)
+            run_and_export(trainer, out, show_progress=False, video=video)
+        except BaseException:
+            trainer.close()  # leave the shared prior as it was (no adapters of a failed run)
+            raise
+    if after is not None:
+        if trainer is None:
+            trainer = Trainer(config, prior=cached_prior(config.prior, config.device))
+            trainer.load_checkpoint(out / "checkpoint.pt")
+            trainer.close()
+        after(trainer, out)
+    return json.loads((out / "summary.json").read_text())
+
+
+def _ray_map(fn: Callable[[Job], Any], jobs: list[Job], address: str | None) -> Iterable[tuple[Job, Any]]:
+    try:
+        import ray
+    except ImportError as err:
+        raise UserError("--executor ray needs Ray: pip install 'ray[default]'") from err
+    started_here = not ray.is_initialized()
+    if started_here:
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if address:
+            kwargs["address"] = address
+        else:  # a local cluster: its workers import this package from the same checkout
+            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}}
+        ray.init(**kwargs)
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        remote = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_retries=0)(fn)
+        pending = {remote.remote(job): job for job in jobs}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(done[0])
+            try:
+                yield job, ray.get(done[0])
+            except ray.exceptions.RayTaskError as err:
+                yield job, err.cause if isinstance(err.cause, Exception) else err
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def map_jobs(
+    fn: Callable[[Job], Any], jobs: list[Job], executor: str = "sequential", ray_address: str | None = None
+) -> Iterable[tuple[Job, Any]]:
+    """Apply ``fn`` to every job; yields ``(job, result or exception)`` as jobs finish (a failed job never
+    stops the others)."""
+    if executor not in EXECUTORS:
+        raise UserError(f"unknown executor {executor!r}; choose one of: {', '.join(EXECUTORS)}")
+    if executor == "ray":
+        yield from _ray_map(fn, jobs, ray_address)
+        return
+    for job in jobs:
+        try:
+            yield job, fn(job)
+        except UserError as err:
+            yield job, err
+        except Exception as err:  # a bug in one run must not end a long batch: log it beside the run
+            Path(job.out).mkdir(parents=True, exist_ok=True)
+            (Path(job.out) / "error.log").write_text(traceback.format_exc())
+            yield job, err
+
+
+def batch_jobs(prompts: list[str], methods: list[str], base: dict[str, Any], out: Path) -> list[Job]:
+    return [
+        Job({**base, "prompt": p, "method": m}, str(out / f"{i:03d}-{slug(p)}" / m))
+        for i, p in enumerate(prompts)
+        for m in methods
+    ]
+
+
+def _batch_job(job: Job) -> dict[str, Any]:
+    return run_job(job)
+
+
+SUMMARY_COLUMNS = ("prompt", "method", "status", "steps", "seconds", "it_per_s", "alignment", "saturation",
+                   "clipped", "floater_score", "folder")
+
+
+def write_summary_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    from lods.guidance import METHODS
+    from lods.runs import config_from_args
+
+    prompts = read_prompts(args.prompts)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS or m == "dds"]
+    if unknown or not methods:
+        raise UserError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from: "
+                        + ", ".join(m for m in METHODS if m != "dds"))
+    if args.limit:
+        prompts = prompts[: args.limit]
+    args.prompt, args.method, args.negative_prompt, args.command = prompts[0], methods[0], None, "generate"
+    base = config_from_args(args)
+    base.pop("prompt"), base.pop("method")
+    from lods.trainer import RunConfig
+
+    RunConfig.from_dict({**base, "prompt": prompts[0], "method": methods[0]}).validate()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = batch_jobs(prompts, methods, base, out)
+    todo = [j for j in jobs if not is_done(j.out)]
+    print(f"{len(jobs)} runs ({len(prompts)} prompts x {len(methods)} methods): {len(jobs) - len(todo)} already "
+          f"done, {len(todo)} to run on {args.executor}")
+    failures = 0
+    for job, result in tqdm(map_jobs(_batch_job, todo, args.executor, args.ray_address), total=len(todo),
+                            desc="batch", unit="run"):
+        if isinstance(result, BaseException):
+            failures += 1
+            tqdm.write(f"failed: {job.config['prompt']!r} / {job.config['method']}: {result}")
+    rows = []
+    for job in jobs:
+        if is_done(job.out):
+            s = json.loads((Path(job.out) / "summary.json").read_text())
+            rows.append({**s, **s.get("final_metrics", {}), "folder": str(Path(job.out).relative_to(out))})
+    write_summary_csv(rows, out / "batch.csv")
+    print(f"{len(rows)} of {len(jobs)} runs done; table in {out / 'batch.csv'}")
+    return 1 if failures else 0

@@ -1,0 +1,69 @@
+"""Wall-clock time per phase of a training step, for ``bench speed``.
+
+A :class:`PhaseTimer` is a no-op until enabled, so the trainer keeps one always. UNet forwards are
+timed by hooks on the UNet module wherever they happen (the theta step and the learned update).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+class PhaseTimer:
+    """Accumulates seconds per named phase; synchronises CUDA around each phase when timing on a GPU."""
+
+    def __init__(self, enabled: bool = False, device: torch.device | None = None) -> None:
+        self.enabled = enabled
+        self.cuda = device is not None and device.type == "cuda"
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._hooks: list = []
+        self._unet_start: list[float] = []
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] += time.perf_counter() - t0
+            self.calls[name] += 1
+
+    def watch_unet(self, unet: torch.nn.Module) -> None:
+        """Time every forward of ``unet`` as the phase ``unet_forward`` (nested inside other phases)."""
+
+        def pre(_module, _args, _kwargs=None):
+            if self.enabled:
+                self._sync()
+                self._unet_start.append(time.perf_counter())
+
+        def post(_module, _args, _kwargs_or_out, _out=None):
+            if self.enabled and self._unet_start:
+                self._sync()
+                self.seconds["unet_forward"] += time.perf_counter() - self._unet_start.pop()
+                self.calls["unet_forward"] += 1
+
+        self._hooks += [unet.register_forward_pre_hook(pre), unet.register_forward_hook(post)]
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
