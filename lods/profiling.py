@@ -24,6 +24,7 @@ class PhaseTimer:
         self.calls: dict[str, int] = defaultdict(int)
         self._hooks: list = []
         self._unet_start: list[float] = []
+        self._stack: list[str] = []
 
     def _sync(self) -> None:
         if self.cuda:
@@ -36,15 +37,18 @@ class PhaseTimer:
             return
         self._sync()
         t0 = time.perf_counter()
+        self._stack.append(name)
         try:
             yield
         finally:
+            self._stack.pop()
             self._sync()
             self.seconds[name] += time.perf_counter() - t0
             self.calls[name] += 1
 
     def watch_unet(self, unet: torch.nn.Module) -> None:
-        """Time every forward of ``unet`` as the phase ``unet_forward`` (nested inside other phases)."""
+        """Time every forward of ``unet`` as ``unet_forward`` (nested inside other phases), and per calling
+        phase as ``unet_forward_in_<phase>``."""
 
         def pre(_module, _args, _kwargs=None):
             if self.enabled:
@@ -54,8 +58,11 @@ class PhaseTimer:
         def post(_module, _args, _kwargs_or_out, _out=None):
             if self.enabled and self._unet_start:
                 self._sync()
-                self.seconds["unet_forward"] += time.perf_counter() - self._unet_start.pop()
+                dt = time.perf_counter() - self._unet_start.pop()
+                self.seconds["unet_forward"] += dt
                 self.calls["unet_forward"] += 1
+                if self._stack:  # which phase asked for it (the theta step or the learned update)
+                    self.seconds[f"unet_forward_in_{self._stack[-1]}"] += dt
 
         self._hooks += [unet.register_forward_pre_hook(pre), unet.register_forward_hook(post)]
 
