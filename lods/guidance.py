@@ -220,6 +220,7 @@ class Estimator:
     """The theta step shared by every method: draw t and eps, ask ``direction``, weight, guard, clip."""
 
     method = ""
+    finite_cfg_only = False  # True where an infinite CFG weight makes the direction diverge
 
     def __init__(self, prior: DiffusionPrior, config: GuidanceConfig | None = None):
         self.prior = prior
@@ -310,6 +311,7 @@ class Sds(Estimator):
     """DreamFusion's SDS (Eq. 3) with CFG as Eq. 2."""
 
     method = "sds"
+    finite_cfg_only = True
 
     def cfg_at(self, cfg: float, step: int) -> float:
         if math.isinf(cfg):
@@ -537,6 +539,7 @@ class Vsd(_Learner):
     """
 
     method = "vsd"
+    finite_cfg_only = True
 
     def __init__(self, prior: DiffusionPrior, config: GuidanceConfig | None = None):
         super().__init__(prior, config)
@@ -579,6 +582,7 @@ class Dds(Estimator):
     """
 
     method = "dds"
+    finite_cfg_only = True
 
     def __init__(self, prior: DiffusionPrior, config: GuidanceConfig | None = None):
         super().__init__(prior, config)

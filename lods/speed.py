@@ -128,6 +128,7 @@ def measure_config(
         "ms_per_step": step_ms,
         "phases_ms": phases,
         "unet_share": (phases["unet_forward"] + phases["unet_backward"]) / step_ms,
+        "unet_forward_calls_per_step": timer.calls.get("unet_forward", 0) / steps,
         "peak_memory_mb": mem.peak_mb,
     }
 

@@ -119,8 +119,16 @@ def run_from_args(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = sweep_jobs(base, methods, cfgs, out)
-    todo = [j for j in jobs if not is_done(j.out)]
-    print(f"sweep: {len(jobs)} runs ({len(methods)} methods x {len(cfgs)} CFG weights), {len(todo)} to run")
+    todo = []
+    for job in jobs:
+        try:
+            RunConfig.from_dict(dict(job.config)).validate()
+        except UserError as err:  # e.g. SDS at an infinite weight: an empty cell, the rest still runs
+            print(f"skipped: {job.config['method']} at CFG {job.config['cfg']:g}: {err}")
+            continue
+        if not is_done(job.out):
+            todo.append(job)
+    print(f"sweep: {len(jobs)} cells ({len(methods)} methods x {len(cfgs)} CFG weights), {len(todo)} to run")
     failed = 0
     for job, result in tqdm(map_jobs(_sweep_job, todo, args.executor, args.ray_address), total=len(todo),
                             unit="run", desc="sweep"):

@@ -90,6 +90,9 @@ class RunConfig:
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         check_cfg(self.cfg)
+        if math.isinf(self.cfg) and METHODS[self.method].finite_cfg_only:
+            raise UserError(f"{self.method} diverges at an infinite CFG weight; use a finite one, or sds-norm / "
+                            "lods-embed / lods-lora for the infinite limit")
         if self.steps < 1 or self.steps > 10_000_000:
             raise UserError(f"steps must be between 1 and 10,000,000, not {self.steps}")
         if self.batch < 1:
@@ -230,6 +233,8 @@ class Trainer:
         """Change live knobs; applied at the start of the next step and recorded for the plots."""
         if "cfg" in changes:
             changes["cfg"] = check_cfg(changes["cfg"])
+            if math.isinf(changes["cfg"]) and self.estimator.finite_cfg_only:
+                raise UserError(f"{self.config.method} diverges at an infinite CFG weight; the run keeps its weight")
         if "scene_lr_scale" in changes:
             changes["scene_lr_scale"] = check_lr(changes["scene_lr_scale"], "scene learning-rate scale")
         if changes.get("learned_lr") is not None:

@@ -234,6 +234,16 @@ def test_inf_cfg_runs_for_lods(tiny_prior):
     assert math.isinf(tr.history[-1]["cfg"])
 
 
+def test_inf_cfg_is_refused_up_front_where_it_diverges(tiny_prior):
+    for method in ("sds", "cfg-anneal", "vsd"):
+        with pytest.raises(UserError, match="infinite CFG"):
+            image_config(method=method, cfg=math.inf).validate()
+    tr = Trainer(image_config(method="sds", cfg=7.5, steps=2), prior=tiny_prior)
+    with pytest.raises(UserError, match="infinite CFG"):
+        tr.set_knobs(cfg=math.inf)
+    assert tr.knobs.cfg == 7.5 and tr.run() == "done"
+
+
 def test_bench_guidance_counts_match_fig3(tiny_prior):
     from lods.bench import bench_guidance
 
