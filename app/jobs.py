@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from app.config import checked_knob
+from lods.compare import Comparison, Slot
 from lods.errors import UserError
 from lods.priors.base import DiffusionPrior
 from lods.runs import export_results
@@ -63,12 +64,21 @@ class Job:
     stop_requested: bool = False
     pause_requested: bool = False
     export_on_stop: bool = True
+    compare_configs: list[RunConfig] | None = None  # a comparison (Compare tab) instead of one run
+    comparison: Comparison | None = None
+
+    @property
+    def is_comparison(self) -> bool:
+        return self.compare_configs is not None
 
     @property
     def state(self) -> str:
-        """``phase``, with "paused" for a running job whose trainer is paused."""
-        if self.phase == "running" and self.trainer is not None and self.trainer.knobs.paused:
-            return "paused"
+        """``phase``, with "paused" for a running job whose trainer (or comparison) is paused."""
+        if self.phase == "running":
+            if self.comparison is not None and self.comparison.paused:
+                return "paused"
+            if self.trainer is not None and self.trainer.knobs.paused:
+                return "paused"
         return self.phase
 
     @property
@@ -127,12 +137,24 @@ class JobManager:
     def start(self, config: RunConfig, owner: str) -> Job:
         """Start ``config`` in a background thread for session ``owner``; ``JobBusy`` while another job is active."""
         config.validate()
+        return self._start(config, owner, None)
+
+    def start_comparison(self, configs: list[RunConfig], owner: str) -> Job:
+        """Start 2 to 4 runs stepped in turn on this device (the Compare tab); one job like any other."""
+        if len(configs) < 2:
+            raise UserError("a comparison needs at least two configurations")
+        for c in configs:
+            c.validate()
+        return self._start(configs[0], owner, list(configs))
+
+    def _start(self, config: RunConfig, owner: str, compare: list[RunConfig] | None) -> Job:
         with self._lock:
             if self._job is not None and self._job.active:
                 whose = "yours" if self._job.owner == owner else "started in another session"
-                raise JobBusy(f"a run is already in progress ({whose}); stop it or wait until it ends")
+                what = "a comparison" if self._job.is_comparison else "a run"
+                raise JobBusy(f"{what} is already in progress ({whose}); stop it or wait until it ends")
             previous = self._job
-            job = Job(id=next(self._ids), owner=owner, config=config,
+            job = Job(id=next(self._ids), owner=owner, config=config, compare_configs=compare,
                       out_dir=Path(tempfile.mkdtemp(prefix="lods-job-")))
             job.thread = threading.Thread(target=self._run, args=(job,), name=f"lods-job-{job.id}", daemon=True)
             self._job = job
@@ -173,6 +195,9 @@ class JobManager:
                 if job.stop_requested:
                     job.phase, job.message = "stopped", "stopped before training began"
                     return
+            if job.is_comparison:
+                self._run_comparison(job, prior)
+                return
             trainer = Trainer(config, prior=prior, on_snapshot=self._publish)
             with self._lock:
                 listeners = list(self._trainer_listeners)
@@ -211,6 +236,36 @@ class JobManager:
                 except Exception:
                     log.exception("closing the estimator of run %d failed", job.id)
 
+    def _run_comparison(self, job: Job, prior: DiffusionPrior) -> None:
+        """The comparison's runs, in turn; each one's results go to ``out_dir/<n>-<method>-cfg-<w>/``."""
+        comparison = Comparison(job.compare_configs, prior)
+        try:
+            with self._lock:
+                job.comparison = comparison
+                if job.stop_requested:
+                    comparison.stop()
+                elif job.pause_requested:
+                    comparison.pause()
+                job.phase = "running"
+            statuses = comparison.run()
+            files: list[Path] = []
+            if job.export_on_stop:
+                with self._lock:
+                    job.phase = "exporting"
+                for i, (config, trainer) in enumerate(zip(job.compare_configs, comparison.trainers)):
+                    if trainer.step == 0:
+                        continue
+                    label = Slot(config.method, config.cfg).label.replace(" · CFG ", "-cfg-").replace("∞", "inf")
+                    files += write_results(trainer, job.out_dir / f"{i + 1}-{label}")
+            messages = [f"{c.method}: {t.message}" for c, t in zip(job.compare_configs, comparison.trainers)
+                        if t.message]
+            final = "done" if all(s == "done" for s in statuses) else (
+                "stopped" if "stopped" in statuses else next(s for s in statuses if s != "done"))
+            with self._lock:
+                job.files, job.message, job.phase = files, "; ".join(messages), final
+        finally:
+            comparison.close()
+
     # ------------------------------------------------------------------ steering (owner only)
 
     def _owned_active(self, owner: str) -> Job | None:
@@ -233,6 +288,8 @@ class JobManager:
             job = self._owned_active(owner)
             if job is None:
                 return None
+            if job.is_comparison:
+                raise UserError("a comparison keeps the settings it started with; stop it to change them")
             if job.trainer is None:
                 for name, value in checked.items():
                     setattr(job.config, "lr_scale" if name == "scene_lr_scale" else name, value)
@@ -246,7 +303,9 @@ class JobManager:
             if job is None:
                 return None
             job.pause_requested = paused
-            if job.trainer is not None:
+            if job.comparison is not None:
+                (job.comparison.pause if paused else job.comparison.resume)()
+            elif job.trainer is not None:
                 job.trainer.set_knobs(paused=paused)
             return job
 
@@ -264,6 +323,8 @@ class JobManager:
     @staticmethod
     def _request_stop(job: Job, export: bool) -> None:
         job.stop_requested, job.export_on_stop = True, job.export_on_stop and export
+        if job.comparison is not None:
+            job.comparison.stop()
         if job.trainer is not None:
             job.trainer.stop()
 

@@ -25,13 +25,16 @@ from app.config import (
     MAX_TEXT,
     ModelPolicy,
     build_run_config,
+    checked_cfg,
     default_learned_lr,
     learns_parameters,
 )
 from app.jobs import Job, JobManager, NotOwner, one_line
 from app.plots import PLOTS, metric_frame, placeholder_frame, plot_colors, preview_grid
+from lods.compare import MAX_RUNS, Slot, comparison_configs
+from lods.compare import PRESETS as COMPARE_PRESETS
 from lods.errors import UserError
-from lods.runs import PRESETS
+from lods.runs import PRESETS, alignment_metrics
 
 TITLE = "LODS Studio"
 METHOD_LABELS = {
@@ -54,6 +57,14 @@ CSS = """
 .lods-plots .block { min-width: 260px; }
 """
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]#|~$])")
+COMPARE_PRESET_LABELS = {
+    "cfg-vs-lods": "SDS at CFG 100 · LODS-embed at CFG 100 · LODS-embed at CFG ∞",
+    "cfg-sweep": "CFG sweep (the paper's Fig. 5): LODS-embed at CFG 30 · 100 · 1000 · ∞",
+}
+COMPARE_CFG_CHOICES = ["7.5", "30", "100", "1000", "inf"]
+COMPARE_OFF = "off"
+COMPARE_COLUMNS = ["run", "step", "it/s", "saturation", "clipped", "floater score", "embedding distance",
+                   "judged right"]
 
 
 @dataclass
@@ -124,6 +135,9 @@ def status_text(job: Job | None, viewer: str) -> str:
     head = f"**{STATE_LABELS.get(state, state)}**"
     if state == "loading":
         head += f" {md_text(config.prior)}…"
+    elif job.comparison is not None:
+        steps_done = [t.step for t in job.comparison.trainers]
+        head += f" · step {min(steps_done)} / {config.steps} (each of {len(steps_done)} runs)"
     elif job.trainer is not None:
         head += f" · step {step} / {config.steps}"
         rate = snap.it_per_s if snap is not None else 0.0
@@ -133,6 +147,13 @@ def status_text(job: Job | None, viewer: str) -> str:
                 head += f" · ETA {duration((config.steps - step) / rate)}"
     if job.message and state in ("stopped", "diverged", "failed", "done"):
         head += f" · {md_text(job.message)}"
+    if job.is_comparison:
+        detail = (f"Comparison of {len(job.compare_configs)} runs (Compare tab) on "
+                  f"{BACKBONE_LABELS.get(config.backbone, config.backbone)}, prior {md_text(config.prior)}, "
+                  f"prompt “{md_text(config.prompt)}”")
+        if job.owner != viewer:
+            detail += " · *started in another session: you are watching it read-only*"
+        return f"{head}  \n{detail}"
     cfg = job.knob("cfg")
     detail = (f"{md_text(METHOD_LABELS.get(config.method, config.method))} on "
               f"{BACKBONE_LABELS.get(config.backbone, config.backbone)}, prior {md_text(config.prior)}, "
@@ -272,6 +293,93 @@ class Studio:
         timer.daemon = True
         timer.start()
 
+    # ------------------------------------------------------------------ Compare tab
+
+    @staticmethod
+    def compare_preset(preset: Any) -> tuple:
+        """The slots of a preset: (method, CFG) for each of the ``MAX_RUNS`` rows; unused rows off."""
+        slots = COMPARE_PRESETS.get(preset, [])
+        values: list[Any] = []
+        for i in range(MAX_RUNS):
+            if i < len(slots):
+                values += [slots[i].method, "inf" if math.isinf(slots[i].cfg) else f"{slots[i].cfg:g}"]
+            else:
+                values += [COMPARE_OFF, "100"]
+        return tuple(values)
+
+    def compare_start(self, prompt: Any, prior: Any, backbone: Any, steps: Any, seed: Any, *slots: Any,
+                      request: gr.Request = None) -> str:
+        try:
+            name = self.settings.policy.resolve(prior, "")
+            chosen = []
+            for method, cfg in zip(slots[0::2], slots[1::2]):
+                if method in (None, "", COMPARE_OFF):
+                    continue
+                text = str(cfg).strip().lower()
+                weight = math.inf if text in ("inf", "∞", "infinity") else checked_cfg(text)
+                chosen.append(Slot(str(method), weight))
+            base = build_run_config(
+                prompt=prompt, negative_prompt="", prior=name, backbone=backbone,
+                method=chosen[0].method if chosen else "sds", cfg=100.0, scene_lr_scale=1.0,
+                learned_lr=default_learned_lr("lods-embed", name), steps=steps, seed=seed,
+                max_steps=self.settings.max_steps, overrides=self.settings.run_overrides,
+            )
+            for slot in chosen:
+                if slot.method not in APP_METHODS:
+                    raise UserError(f"unknown method '{md_text(slot.method)[:40]}'")
+            job = self.manager.start_comparison(comparison_configs(base, chosen), owner=self._session(request))
+        except UserError as err:
+            return notice(one_line(err), error=True)
+        return notice(f"Started comparison {job.id}: {len(job.compare_configs)} runs, one step of each in turn.")
+
+    def compare_pause(self, request: gr.Request = None) -> str:
+        job = self.manager.current()
+        if job is None or not job.active or not job.is_comparison:
+            return notice("No comparison is running.")
+        pause = job.state != "paused"
+        try:
+            self.manager.set_paused(self._session(request), pause)
+        except UserError as err:
+            return notice(one_line(err), error=True)
+        return notice("Paused." if pause else "Resumed.")
+
+    def compare_poll(self, view: dict | None, request: gr.Request = None) -> tuple:
+        """status, gallery, table, files, view state of the Compare tab; unchanged parts skipped."""
+        view = dict(view or {})
+        me = self._session(request)
+        job = self.manager.current()
+        if job is not None and not job.is_comparison:
+            job = None
+        comparison = job.comparison if job is not None else None
+        steps = tuple(t.step for t in comparison.trainers) if comparison is not None else ()
+        keys = {"status": status_text(job, me) if job is not None else
+                "**No comparison yet.** Pick a preset or your own runs and press **Start comparison**.",
+                "steps": (job.id if job else None, steps, job.state if job else None, len(job.files) if job else 0)}
+        changed = {k for k, v in keys.items() if view.get(k) != v}
+        view.update(keys)
+        if not changed:
+            return (gr.skip(),) * 4 + (view,)
+        status = keys["status"] if "status" in changed else gr.skip()
+        if comparison is None:
+            return status, None, None, None, view
+        gallery, rows = [], []
+        for config, trainer, row in zip(job.compare_configs, comparison.trainers, comparison.rows()):
+            snap = trainer.latest()
+            judged = "–"
+            if snap is not None:
+                gallery.append((preview_grid(snap.previews, min_side=128, cols=2), row["label"]))
+                align = alignment_metrics(config.prompt, config.prior, snap.previews)
+                if align:
+                    judged = f"{align['views_judged_right']} / {len(snap.previews)}"
+
+            def num(v: Any) -> str:
+                return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
+
+            rows.append([row["label"], row["step"], f"{row['it_per_s']:.2f}", num(row["saturation"]),
+                         num(row["clipped"]), num(row["floater_score"]), num(row["embedding_distance"]), judged])
+        files = [str(p) for p in job.files] or None
+        return status, gallery or None, {"headers": COMPARE_COLUMNS, "data": rows}, files, view
+
     # ------------------------------------------------------------------ polling
 
     def _cleared(self) -> tuple:
@@ -329,59 +437,103 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
             "during a run and watch saturation and floaters respond."
         )
         view = gr.State({})
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=2, min_width=320):
-                prompt = gr.Textbox(label="Prompt", value=d.prompt, lines=2, max_lines=4, max_length=MAX_TEXT,
-                                    elem_id="prompt")
-                negative = gr.Textbox(label="Negative prompt", value=d.negative_prompt, max_length=MAX_TEXT,
-                                      placeholder="empty: the null prompt, as in Stable Diffusion")
+        with gr.Tabs():
+            with gr.Tab("Studio"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=2, min_width=320):
+                        prompt = gr.Textbox(label="Prompt", value=d.prompt, lines=2, max_lines=4, max_length=MAX_TEXT,
+                                            elem_id="prompt")
+                        negative = gr.Textbox(label="Negative prompt", value=d.negative_prompt, max_length=MAX_TEXT,
+                                              placeholder="empty: the null prompt, as in Stable Diffusion")
+                        with gr.Row():
+                            prior = gr.Dropdown(list(settings.policy.allowed), value=settings.default_prior,
+                                                label="Prior (diffusion model)", elem_id="prior")
+                            custom = gr.Textbox(label="…or a Hugging Face model id", value=d.custom_model,
+                                                placeholder="owner/name", visible=settings.policy.custom_ids,
+                                                max_length=200)
+                        backbone = gr.Radio([(v, k) for k, v in BACKBONE_LABELS.items()], value=d.backbone,
+                                            label="Backbone")
+                        method = gr.Dropdown([(METHOD_LABELS.get(m, m), m) for m in APP_METHODS], value=d.method,
+                                             label="Method")
+                        cfg = gr.Slider(1, CFG_MAX, value=d.cfg, step=0.5, label="CFG weight w", info="live",
+                                        elem_id="cfg")
+                        with gr.Row():
+                            scene_lr = gr.Slider(0, 10, value=d.scene_lr_scale, step=0.05,
+                                                 label="Scene learning-rate scale", info="live")
+                            learned_lr = gr.Number(value=d.learned_lr, label="Learned-parameter learning rate",
+                                                   info="alpha or LoRA step size (live)", elem_id="learned-lr")
+                        with gr.Row():
+                            steps = gr.Number(value=d.steps, precision=0, label="Steps", elem_id="steps")
+                            seed = gr.Number(value=d.seed, precision=0, label="Seed")
+                        with gr.Row():
+                            start_btn = gr.Button("Start", variant="primary", elem_id="start")
+                            pause_btn = gr.Button("Pause", elem_id="pause")
+                            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                            reset_btn = gr.Button("Reset", elem_id="reset")
+                        note = gr.Markdown("", elem_id="notice")
+                    with gr.Column(scale=3, min_width=420):
+                        status = gr.Markdown(status_text(None, ""), elem_id="status")
+                        with gr.Tabs():
+                            with gr.Tab("Renders"):
+                                renders = gr.Image(label="Latest renders (preview views)", type="numpy", format="png",
+                                                   interactive=False, elem_id="renders")
+                            with gr.Tab("3D"):
+                                if settings.viewer_html:
+                                    gr.HTML(settings.viewer_html)
+                                else:
+                                    gr.Markdown("The live 3D viewer is not running; the finished scene appears below.")
+                                model3d = gr.Model3D(label="Result scene", interactive=False)
+                        with gr.Row(elem_classes="lods-plots"):
+                            plots = [gr.LinePlot(placeholder_frame(spec), x="step", y="value", color="series",
+                                                 title=spec.title, color_map=plot_colors(spec), tooltip="all",
+                                                 height=220, x_title="step", y_title=spec.key, label=spec.title,
+                                                 show_label=False, min_width=260)
+                                     for spec in PLOTS]
+                        with gr.Accordion("What the plots show", open=False):
+                            gr.Markdown("\n".join(f"- **{spec.title}**: {spec.caption}" for spec in PLOTS)
+                                        + "\n- **knob change** (orange): a live change of CFG or a learning rate; "
+                                          "hover a tooth to see which")
+                        files = gr.File(label="Result files", file_count="multiple", interactive=False, elem_id="files")
+            with gr.Tab("Compare", elem_id="compare-tab"):
+                gr.Markdown(
+                    "Run 2 to 4 configurations on the same prompt and seed, one step of each in turn on this "
+                    "device, and watch them side by side: SDS at a high CFG weight against LODS, or the CFG "
+                    "sweep of the paper's Fig. 5 (low weights lack detail, very large ones make floaters)."
+                )
+                compare_view = gr.State({})
                 with gr.Row():
-                    prior = gr.Dropdown(list(settings.policy.allowed), value=settings.default_prior,
-                                        label="Prior (diffusion model)", elem_id="prior")
-                    custom = gr.Textbox(label="…or a Hugging Face model id", value=d.custom_model,
-                                        placeholder="owner/name", visible=settings.policy.custom_ids, max_length=200)
-                backbone = gr.Radio([(v, k) for k, v in BACKBONE_LABELS.items()], value=d.backbone, label="Backbone")
-                method = gr.Dropdown([(METHOD_LABELS.get(m, m), m) for m in APP_METHODS], value=d.method,
-                                     label="Method")
-                cfg = gr.Slider(1, CFG_MAX, value=d.cfg, step=0.5, label="CFG weight w", info="live",
-                                elem_id="cfg")
+                    c_prompt = gr.Textbox(label="Prompt", value=d.prompt, max_length=MAX_TEXT, scale=3,
+                                          elem_id="compare-prompt")
+                    c_prior = gr.Dropdown(list(settings.policy.allowed), value=settings.default_prior,
+                                          label="Prior", scale=1)
                 with gr.Row():
-                    scene_lr = gr.Slider(0, 10, value=d.scene_lr_scale, step=0.05,
-                                         label="Scene learning-rate scale", info="live")
-                    learned_lr = gr.Number(value=d.learned_lr, label="Learned-parameter learning rate",
-                                           info="alpha or LoRA step size (live)", elem_id="learned-lr")
+                    c_backbone = gr.Radio([(v, k) for k, v in BACKBONE_LABELS.items()], value=d.backbone,
+                                          label="Backbone")
+                    c_steps = gr.Number(value=300, precision=0, label="Steps (each run)", elem_id="compare-steps")
+                    c_seed = gr.Number(value=d.seed, precision=0, label="Seed")
+                c_preset = gr.Radio([(v, k) for k, v in COMPARE_PRESET_LABELS.items()], value="cfg-vs-lods",
+                                    label="Preset", elem_id="compare-preset")
+                slot_inputs: list[Any] = []
+                initial = Studio.compare_preset("cfg-vs-lods")
                 with gr.Row():
-                    steps = gr.Number(value=d.steps, precision=0, label="Steps", elem_id="steps")
-                    seed = gr.Number(value=d.seed, precision=0, label="Seed")
+                    for i in range(MAX_RUNS):
+                        with gr.Column(min_width=160):
+                            slot_inputs.append(gr.Dropdown(
+                                [(COMPARE_OFF, COMPARE_OFF)] + [(METHOD_LABELS.get(m, m), m) for m in APP_METHODS],
+                                value=initial[2 * i], label=f"Run {i + 1}: method"))
+                            slot_inputs.append(gr.Dropdown(COMPARE_CFG_CHOICES, value=initial[2 * i + 1],
+                                                           allow_custom_value=True, label=f"Run {i + 1}: CFG"))
                 with gr.Row():
-                    start_btn = gr.Button("Start", variant="primary", elem_id="start")
-                    pause_btn = gr.Button("Pause", elem_id="pause")
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-                    reset_btn = gr.Button("Reset", elem_id="reset")
-                note = gr.Markdown("", elem_id="notice")
-            with gr.Column(scale=3, min_width=420):
-                status = gr.Markdown(status_text(None, ""), elem_id="status")
-                with gr.Tabs():
-                    with gr.Tab("Renders"):
-                        renders = gr.Image(label="Latest renders (preview views)", type="numpy", format="png",
-                                           interactive=False, elem_id="renders")
-                    with gr.Tab("3D"):
-                        if settings.viewer_html:
-                            gr.HTML(settings.viewer_html)
-                        else:
-                            gr.Markdown("The live 3D viewer is not running; the finished scene appears below.")
-                        model3d = gr.Model3D(label="Result scene", interactive=False)
-                with gr.Row(elem_classes="lods-plots"):
-                    plots = [gr.LinePlot(placeholder_frame(spec), x="step", y="value", color="series",
-                                         title=spec.title, color_map=plot_colors(spec), tooltip="all", height=220,
-                                         x_title="step", y_title=spec.key, label=spec.title, show_label=False,
-                                         min_width=260)
-                             for spec in PLOTS]
-                with gr.Accordion("What the plots show", open=False):
-                    gr.Markdown("\n".join(f"- **{spec.title}**: {spec.caption}" for spec in PLOTS)
-                                + "\n- **knob change** (orange): a live change of CFG or a learning rate; "
-                                  "hover a tooth to see which")
-                files = gr.File(label="Result files", file_count="multiple", interactive=False, elem_id="files")
+                    c_start = gr.Button("Start comparison", variant="primary", elem_id="compare-start")
+                    c_pause = gr.Button("Pause / resume", elem_id="compare-pause")
+                    c_stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
+                c_note = gr.Markdown("", elem_id="compare-notice")
+                c_status = gr.Markdown("", elem_id="compare-status")
+                c_gallery = gr.Gallery(label="Latest renders, side by side", columns=MAX_RUNS, height="auto",
+                                       elem_id="compare-gallery", interactive=False)
+                c_table = gr.Dataframe(headers=COMPARE_COLUMNS, label="Metrics (latest logged step)",
+                                       interactive=False, elem_id="compare-table")
+                c_files = gr.File(label="Result files", file_count="multiple", interactive=False)
 
         setup = [prompt, negative, prior, custom, backbone, method, cfg, scene_lr, learned_lr, steps, seed]
         polled = [status, renders, model3d, *plots, files, pause_btn, view]
@@ -400,6 +552,14 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
         timer = gr.Timer(settings.poll_seconds)
         timer.tick(studio.poll, view, polled, api_name="poll", trigger_mode="always_last", **quick)
         demo.load(studio.poll, view, polled, api_visibility="private", **quick)
+        c_preset.change(studio.compare_preset, c_preset, slot_inputs, api_visibility="private", **quick)
+        c_start.click(studio.compare_start, [c_prompt, c_prior, c_backbone, c_steps, c_seed, *slot_inputs], c_note,
+                      api_name="compare_start")
+        c_pause.click(studio.compare_pause, None, c_note, api_name="compare_pause", **quick)
+        c_stop.click(studio.stop, None, c_note, api_name="compare_stop", **quick)
+        compare_polled = [c_status, c_gallery, c_table, c_files, compare_view]
+        timer.tick(studio.compare_poll, compare_view, compare_polled, api_name="compare_poll",
+                   trigger_mode="always_last", **quick)
         if on_load_js:
             demo.load(None, js=on_load_js)
         demo.unload(studio.release)

@@ -225,6 +225,7 @@ class Trainer:
         self.timer = PhaseTimer(enabled=False, device=self.device)  # enabled by `bench speed`
         self.checkpoint_step = 0
         self._t_last = time.perf_counter()
+        self._rate_step = 0
         self._rate = 0.0
 
     # ------------------------------------------------------------------ knobs (any thread)
@@ -371,48 +372,70 @@ class Trainer:
 
     def run(self, progress: Callable[[int, int, dict], None] | None = None) -> str:
         """Train until ``config.steps`` or a stop; returns the final status ("done", "stopped" or "diverged")."""
+        self.begin()
+        while self.status == "running":
+            self._resume_event.wait()
+            self.advance(progress)
+        return self.finish()
+
+    def begin(self) -> None:
+        """Enter the running state (``run`` does this; a caller stepping with ``advance`` does it once)."""
         self.status = "running"
-        self._t_last, last_step = time.perf_counter(), self.step
+        self._t_last, self._rate_step = time.perf_counter(), self.step
+
+    def advance(self, progress: Callable[[int, int, dict], None] | None = None) -> bool:
+        """At most one training step with its bookkeeping (guard, history, snapshot, checkpoint).
+
+        Returns True when a step was taken; False when paused or when the run reached a final status
+        (``status`` becomes "done", "stopped", "diverged" or "failed"). Lets a caller interleave runs.
+        """
+        if self.status != "running":
+            return False
+        if self.step >= self.config.steps:
+            self.status = "done"
+            return False
+        with self.lock:
+            if self.knobs.stop:
+                self.status = "stopped"
+                return False
+            if self.knobs.paused:
+                return False
         try:
-            while self.step < self.config.steps:
-                self._resume_event.wait()
-                with self.lock:
-                    if self.knobs.stop:
-                        self.status = "stopped"
-                        break
-                    paused = self.knobs.paused
-                if paused:
-                    continue
-                with self.scene_lock:
-                    stats = self.train_step()
-                problem = self._guard(stats)
-                if problem:
-                    self.status, self.message = (
-                        "diverged",
-                        (f"{problem}; the last good checkpoint is at step {self.checkpoint_step}"),
-                    )
-                    break
-                now = time.perf_counter()
-                if now - self._t_last > 0.5:
-                    self._rate = (self.step - last_step) / (now - self._t_last)
-                    self._t_last, last_step = now, self.step
-                stats["it_per_s"] = self._rate
-                if self.step % self.config.log_every == 0 or self.step == self.config.steps:
-                    self.history.append(stats)
-                if progress:
-                    progress(self.step, self.config.steps, stats)
-                if self.step % self.config.snapshot_every == 0 or self.step == self.config.steps:
-                    self.publish()
-                if self.out_dir and self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
-                    self.save_checkpoint(self.out_dir)
-            else:
-                self.status = "done"
+            with self.scene_lock:
+                stats = self.train_step()
         except torch.cuda.OutOfMemoryError as err:
             self.status = "failed"
             self.message = (
                 f"CUDA ran out of memory at step {self.step} ({str(err).splitlines()[0][:120]}); "
                 "lower the render resolution or the views per step (batch), or use fp16"
             )
+            return False
+        problem = self._guard(stats)
+        if problem:
+            self.status = "diverged"
+            self.message = f"{problem}; the last good checkpoint is at step {self.checkpoint_step}"
+            return False
+        now = time.perf_counter()
+        if now - self._t_last > 0.5:
+            self._rate = (self.step - self._rate_step) / (now - self._t_last)
+            self._t_last, self._rate_step = now, self.step
+        stats["it_per_s"] = self._rate
+        if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+            self.history.append(stats)
+        if progress:
+            progress(self.step, self.config.steps, stats)
+        if self.step % self.config.snapshot_every == 0 or self.step == self.config.steps:
+            self.publish()
+        if self.out_dir and self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+            self.save_checkpoint(self.out_dir)
+        if self.step >= self.config.steps:
+            self.status = "done"
+        return True
+
+    def finish(self) -> str:
+        """Final checkpoint (not after a divergence: the last good one stays) and snapshot; returns the status."""
+        if self.status == "running":
+            self.status = "stopped"
         if self.status != "diverged" and self.out_dir:
             self.save_checkpoint(self.out_dir)
         self.publish()

@@ -157,9 +157,11 @@ def test_run_live_knobs_second_session_and_stop(server):
         # pause holds the step count; resume goes on
         assert "Paused" in str(a.predict(api_name="/pause"))
         wait_for(lambda: job.state == "paused")
-        time.sleep(0.3)
-        held = job.trainer.step
-        time.sleep(0.3)
+        with job.trainer.scene_lock:  # the step in flight when Pause arrived has finished
+            held = job.trainer.step
+        assert not job.trainer._resume_event.is_set()  # the training loop blocks before its next step
+        for _ in range(3):  # the page keeps polling; the run does not move
+            a.predict(api_name="/poll")
         assert job.trainer.step == held
         assert "Resumed" in str(a.predict(api_name="/pause"))
         wait_for(lambda: job.trainer.step > held)
@@ -256,9 +258,15 @@ def test_closing_the_tab_stops_its_run(server):
         assert "Started run" in start(a)
         job = jobs.current()
         wait_for(lambda: job.trainer is not None and job.trainer.step >= 1)
-        b.close()  # a watcher leaving changes nothing
-        time.sleep(0.5)
-        assert job.active
+        released = []
+        release = jobs.release
+        jobs.release = lambda owner: (released.append(owner), release(owner))
+        try:
+            b.close()  # a watcher leaving changes nothing
+            wait_for(lambda: b.session_hash in released)  # its unload event has been handled
+            assert job.active
+        finally:
+            jobs.release = release
         a.close()  # the heartbeat connection drops: Gradio's unload event runs for a's session
         job.thread.join(20)
         assert not job.thread.is_alive() and job.phase == "stopped" and job.files == []
@@ -454,3 +462,82 @@ def test_page_in_a_browser(server):
             assert job.config.prompt == "a blue sphere" and not job.thread.is_alive()
         finally:
             browser.close()
+
+
+# ----------------------------------------------------------------------------- the Compare tab
+
+
+def test_comparison_steps_its_runs_in_turn():
+    from lods.compare import PRESETS, comparison_configs
+    from lods.trainer import RunConfig
+
+    assert [(s.method, s.cfg) for s in PRESETS["cfg-sweep"]] == [
+        ("lods-embed", 30.0), ("lods-embed", 100.0), ("lods-embed", 1000.0), ("lods-embed", math.inf)]
+    base = RunConfig(prompt="a red cube", backbone="image", steps=4, snapshot_every=1, **{
+        k: v for k, v in OVERRIDES.items() if k in ("resolution", "batch", "preview_views")})
+    configs = comparison_configs(base, PRESETS["cfg-vs-lods"])
+    assert [(c.method, c.cfg, c.seed, c.prompt) for c in configs] == [
+        ("sds", 100.0, 0, "a red cube"), ("lods-embed", 100.0, 0, "a red cube"),
+        ("lods-embed", math.inf, 0, "a red cube")]
+    with pytest.raises(UserError, match="2 to 4"):
+        comparison_configs(base, PRESETS["cfg-vs-lods"][:1])
+
+
+def test_comparison_job_round_robin_export_and_controls(manager, tiny_prior):
+    from lods.compare import PRESETS as CP
+    from lods.compare import Comparison, comparison_configs
+
+    config = build_run_config(**{**{k: v for k, v in GOOD.items() if k != "custom_model"}, "steps": 4},
+                              overrides={**OVERRIDES, "snapshot_every": 1})
+    configs = comparison_configs(config, CP["cfg-vs-lods"])
+    order = []
+    comparison = Comparison(configs, tiny_prior, on_snapshot=lambda i, snap: order.append((i, snap.step)))
+    assert comparison.run() == ["done"] * 3
+    comparison.close()
+    stepped = [o for o in order if o[1] > 0][:9]
+    assert stepped == [(i, s) for s in (1, 2, 3) for i in range(3)]  # one step of each run in turn
+
+    job = manager.start_comparison(configs, owner="a")
+    with pytest.raises(UserError, match="already in progress"):
+        manager.start(config, owner="b")
+    with pytest.raises(UserError, match="keeps the settings"):
+        manager.set_knobs("a", cfg=10)
+    job.thread.join(30)
+    assert job.phase == "done", job.message
+    folders = sorted({p.parent.name for p in job.files})
+    assert folders == ["1-sds-cfg-100", "2-lods-embed-cfg-100", "3-lods-embed-cfg-inf"]
+    assert all((job.out_dir / f / "image.png").is_file() for f in folders)
+
+    long = [c.__class__(**{**c.__dict__, "steps": 5000}) for c in configs[:2]]
+    job = manager.start_comparison(long, owner="a")
+    wait_for(lambda: job.comparison is not None and min(t.step for t in job.comparison.trainers) >= 2)
+    manager.set_paused("a", True)
+    assert job.state == "paused"
+    manager.set_paused("a", False)
+    manager.stop("a", wait=20)
+    assert job.phase == "stopped" and not job.thread.is_alive()
+
+
+def test_compare_tab_callbacks(manager):
+    studio = Studio(manager, AppSettings(run_overrides={**OVERRIDES, "snapshot_every": 1}))
+    preset = Studio.compare_preset("cfg-sweep")
+    assert preset == ("lods-embed", "30", "lods-embed", "100", "lods-embed", "1000", "lods-embed", "inf")
+    assert Studio.compare_preset("cfg-vs-lods")[6:] == ("off", "100")
+    bad = studio.compare_start("a red cube", "toy", "image", 3, 0, "sds", "abc", "lods-embed", "100",
+                               "off", "100", "off", "100")
+    assert bad.startswith("⚠️") and "CFG" in bad
+    one = studio.compare_start("a red cube", "toy", "image", 3, 0, "sds", "100", *["off", "100"] * 3)
+    assert one.startswith("⚠️") and "2 to 4" in one
+    assert manager.current() is None
+    ok = studio.compare_start("a red cube", "toy", "image", 3, 0, *preset)
+    assert "Started comparison" in ok and "4 runs" in ok
+    job = manager.current()
+    job.thread.join(30)
+    status, gallery, table, files, view = studio.compare_poll({})
+    assert "Done" in status and "Comparison of 4 runs" in status
+    assert len(gallery) == 4 and gallery[0][1] == "lods-embed · CFG 30" and gallery[3][1] == "lods-embed · CFG ∞"
+    assert [row[1] for row in table["data"]] == [3, 3, 3, 3]
+    assert table["headers"][0] == "run" and len(files) >= 4
+    import gradio as gr
+
+    assert studio.compare_poll(view)[:4] == (gr.skip(),) * 4  # nothing changed: nothing re-sent

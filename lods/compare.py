@@ -1,0 +1,126 @@
+"""Side-by-side runs for teaching: 2 to 4 configurations of one prompt and seed, stepped in turn
+(round-robin) on one device and one prior, so that every run sees the same hardware share.
+
+Presets: ``PRESETS["cfg-vs-lods"]`` (SDS at CFG 100, LODS-embed at CFG 100, LODS-embed at an infinite
+weight: saturation against floaters) and ``PRESETS["cfg-sweep"]`` (the paper's Fig. 5: LODS-embed with
+the CFG weight from 30 to infinity).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from lods.errors import UserError
+from lods.priors.base import DiffusionPrior
+from lods.trainer import RunConfig, Snapshot, Trainer
+
+MIN_RUNS, MAX_RUNS = 2, 4
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One configuration of a comparison: a method at a CFG weight."""
+
+    method: str
+    cfg: float
+
+    @property
+    def label(self) -> str:
+        w = "∞" if math.isinf(self.cfg) else f"{self.cfg:g}"
+        return f"{self.method} · CFG {w}"
+
+
+PRESETS: dict[str, list[Slot]] = {
+    "cfg-vs-lods": [Slot("sds", 100.0), Slot("lods-embed", 100.0), Slot("lods-embed", math.inf)],
+    "cfg-sweep": [Slot("lods-embed", 30.0), Slot("lods-embed", 100.0), Slot("lods-embed", 1000.0),
+                  Slot("lods-embed", math.inf)],
+}
+
+
+def comparison_configs(base: RunConfig, slots: list[Slot]) -> list[RunConfig]:
+    """``base`` (prompt, seed, backbone, steps, ...) once per slot; each one validated."""
+    if not MIN_RUNS <= len(slots) <= MAX_RUNS:
+        raise UserError(f"a comparison runs {MIN_RUNS} to {MAX_RUNS} configurations, not {len(slots)}")
+    configs = []
+    for slot in slots:
+        config = replace(base, method=slot.method, cfg=slot.cfg, learned_lr=None)  # each method's default rate
+        config.validate()
+        configs.append(config)
+    return configs
+
+
+class Comparison:
+    """Trainers of ``configs`` on one shared prior; :meth:`run` steps them in turn until all have ended.
+
+    Every trainer publishes its own snapshots (``on_snapshot(index, snapshot)``). Pause, resume and
+    stop act on all of them and may be called from any thread.
+    """
+
+    def __init__(self, configs: list[RunConfig], prior: DiffusionPrior,
+                 on_snapshot: Callable[[int, Snapshot], None] | None = None) -> None:
+        if not MIN_RUNS <= len(configs) <= MAX_RUNS:
+            raise UserError(f"a comparison runs {MIN_RUNS} to {MAX_RUNS} configurations, not {len(configs)}")
+        self.configs = configs
+        self.trainers: list[Trainer] = []
+        try:
+            for i, config in enumerate(configs):
+                callback = (lambda snap, i=i: on_snapshot(i, snap)) if on_snapshot else None
+                self.trainers.append(Trainer(config, prior=prior, on_snapshot=callback))
+        except BaseException:
+            self.close()
+            raise
+        self._resume = threading.Event()
+        self._resume.set()
+        self._stop = False
+
+    @property
+    def paused(self) -> bool:
+        return not self._resume.is_set()
+
+    def pause(self) -> None:
+        self._resume.clear()
+
+    def resume(self) -> None:
+        self._resume.set()
+
+    def stop(self) -> None:
+        self._stop = True
+        for t in self.trainers:
+            t.stop()
+        self._resume.set()
+
+    def run(self) -> list[str]:
+        """Round-robin: one step of each unfinished run in turn; returns the final statuses."""
+        for t in self.trainers:
+            t.begin()
+        while not self._stop and any(t.status == "running" for t in self.trainers):
+            self._resume.wait()
+            for t in self.trainers:
+                t.advance()
+        return [t.finish() for t in self.trainers]
+
+    def close(self) -> None:
+        """Detach what the estimators attached to the shared prior (LoRA adapters)."""
+        for t in self.trainers:
+            t.close()
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The latest logged metrics of every run, for a side-by-side table."""
+        out = []
+        for config, t in zip(self.configs, self.trainers):
+            snap = t.latest()
+            last = snap.history[-1] if snap is not None and snap.history else {}
+            out.append({
+                "label": Slot(config.method, config.cfg).label,
+                "method": config.method,
+                "cfg": config.cfg,
+                "step": t.step,
+                "status": t.status,
+                "it_per_s": snap.it_per_s if snap is not None else 0.0,
+                **{k: last.get(k) for k in ("saturation", "clipped", "floater_score", "embedding_distance")},
+            })
+        return out
