@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import html
 import logging
+import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from app.jobs import JobManager
@@ -53,6 +55,26 @@ class ViewerLink:
         self.server.stop()
 
 
+def splat_feed(server: Any) -> Any:
+    """A trainer step listener handing the splats to ``server`` at most at its update rate.
+
+    Snapshots (every ``snapshot_every`` steps, with preview renders) are too rare for a live splat
+    view; between them this copies the splats (a few milliseconds for 5,000) only when the viewer can
+    send again, so that throttled steps cost a clock read.
+    """
+    state = {"next": 0.0}
+
+    def feed(trainer: Any) -> None:
+        now = time.monotonic()
+        if now < state["next"]:
+            return
+        state["next"] = now + server.min_interval_s
+        server.update(SimpleNamespace(step=trainer.step, steps=trainer.config.steps,
+                                      gaussians=trainer.scene.viewer_gaussians()))
+
+    return feed
+
+
 def connect_viewer(manager: JobManager, host: str, port: int, single_port: bool = False) -> ViewerLink | None:
     """Start the viser viewer and stream the manager's snapshots to it; None when ``viewer/`` cannot start."""
     try:
@@ -68,6 +90,8 @@ def connect_viewer(manager: JobManager, host: str, port: int, single_port: bool 
     def follow(trainer: Any) -> None:
         server.clear()
         server.set_render_fn(trainer.render_camera if trainer.config.backbone == "nerf" else None)
+        if hasattr(trainer.scene, "viewer_gaussians"):
+            trainer.step_listeners.append(splat_feed(server))
 
     manager.add_listener(server.update)
     manager.add_trainer_listener(follow)

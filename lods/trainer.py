@@ -170,6 +170,7 @@ class Trainer:
             # Measured on 2 cores: the toy prior's UNet forward takes 23 ms on 1 thread and 36 ms on 2.
             torch.set_num_threads(config.threads or 1)
         self.on_snapshot = on_snapshot
+        self.step_listeners: list[Callable[[Trainer], None]] = []  # called in the training thread after each step
         self.lock = threading.Lock()  # guards knobs and the published snapshot (held for microseconds)
         self.scene_lock = threading.Lock()  # guards the live scene: held by a training step and by renders
         self.knobs = Knobs(cfg=config.cfg, scene_lr_scale=config.lr_scale, learned_lr=config.learned_lr)
@@ -424,6 +425,8 @@ class Trainer:
             self.history.append(stats)
         if progress:
             progress(self.step, self.config.steps, stats)
+        for listener in self.step_listeners:
+            listener(self)
         if self.step % self.config.snapshot_every == 0 or self.step == self.config.steps:
             self.publish()
         if self.out_dir and self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:

@@ -11,6 +11,7 @@ import math
 import os
 import socket
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -408,6 +409,7 @@ def test_viewer_hook(monkeypatch, manager):
         def __init__(self, host, port):
             self.host, self.port, self.url = host, port, f"http://{host}:{port}/"
             self.snapshots, self.render_fns, self.cleared = [], [], 0
+            self.min_interval_s = 0.0
 
         def update(self, snapshot):
             self.snapshots.append(snapshot)
@@ -427,6 +429,18 @@ def test_viewer_hook(monkeypatch, manager):
     assert link.server.cleared == 1 and link.server.render_fns == [None] and link.server.snapshots
     proxied = viewer_link.connect_viewer(manager, "0.0.0.0", 8124, single_port=True)
     assert proxied.server.host == "127.0.0.1" and 'src="/viewer/"' in proxied.html()
+
+    # Gaussian runs: the splats reach the viewer after every step it can take, not only with snapshots
+    gs = build_run_config(**{**{k: v for k, v in GOOD.items() if k != "custom_model"}, "steps": 4,
+                             "backbone": "gs"}, overrides={**OVERRIDES, "snapshot_every": 100})
+    link.server.snapshots.clear()
+    manager.start(gs, owner="a").thread.join(20)
+    fed = [s for s in link.server.snapshots if isinstance(s, types.SimpleNamespace)]
+    assert [s.step for s in fed] == [1, 2, 3, 4] and fed[0].gaussians["means"].shape[1] == 3
+    link.server.min_interval_s = proxied.server.min_interval_s = 3600.0  # one update an hour at most
+    link.server.snapshots.clear()
+    manager.start(gs, owner="a").thread.join(20)
+    assert [s.step for s in link.server.snapshots if isinstance(s, types.SimpleNamespace)] == [1]
 
 
 def test_preview_grid_and_text_helpers():
@@ -541,3 +555,28 @@ def test_compare_tab_callbacks(manager):
     import gradio as gr
 
     assert studio.compare_poll(view)[:4] == (gr.skip(),) * 4  # nothing changed: nothing re-sent
+
+
+# ----------------------------------------------------------------------------- the load and viewer benchmarks
+
+
+def test_load_test_sessions_poll_and_turn_knobs_without_errors(prior_factory):
+    from app.loadtest import run_load_test
+
+    report = run_load_test(clients=3, seconds=1.0, poll_s=0.1, knob_every=2, warmup_s=0.2,
+                           prior_factory=prior_factory, run={"backbone": "image"}, overrides=OVERRIDES)
+    assert report["errors"] == 0, report["error_samples"]
+    assert report["latency_ms"]["poll"]["n"] > 0 and report["requests"] >= report["latency_ms"]["poll"]["n"]
+    assert report["refused_read_only"] > 0  # the watchers may not turn the owner's knobs
+    assert report["knob_changes_applied"] > 0  # the owner's changes reach the trainer
+    assert report["it_per_s_alone"] > 0 and report["it_per_s_loaded"] > 0
+
+
+def test_viewer_bench_counts_splat_updates_that_arrive(tiny_prior):
+    from viewer.bench import run_viewer_bench
+
+    report = run_viewer_bench(steps=12, frame_bytes=1_000, max_updates_per_s=1000.0, prior=tiny_prior,
+                              client="websocket")
+    assert report["server_updates_sent"] >= 1
+    assert 1 <= report["splat_updates_received"] <= report["server_updates_sent"]
+    assert report["splats"] > 0 and report["it_per_s_alone"] > 0
