@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["guidance", "speed", "quality"])
     b.add_argument("--prior", default="toy")
     b.add_argument("--steps", type=int, default=None,
-                   help="steps per measurement (guidance 5, speed 20) or per run (quality 200, quick 150)")
+                   help="steps per measurement (guidance 5, speed 20) or per run (quality 150)")
     b.add_argument("--out", default=None, help="guidance: a JSON file; speed, quality: a folder")
     b.add_argument("--quick", action="store_true", help="quality: 3 prompts, 5 methods, 1 seed (about 15 min on CPU)")
     b.add_argument("--seeds", type=int, default=None, help="quality: seeds per prompt and method (default 2, quick 1)")

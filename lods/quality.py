@@ -52,6 +52,7 @@ QUALITY_PROMPTS = {
     ],
 }
 QUICK_PROMPTS = ["a red cube", "a red sphere on grass", "a red cube and a blue sphere"]
+DEFAULT_STEPS = 150  # per run; the quick runs are a subset of the full ones (same folders), so both resume each other
 CSV_COLUMNS = (
     "method", "cfg", "prompt", "seed", "alignment", "saturation_error", "artifact_score", "floater_score",
     "variant", "learned_lr", "category", "saturation", "world_saturation", "value", "clipped", "feature_distance",
@@ -377,7 +378,7 @@ def _write_grid(rows: list[dict[str, Any]], references: dict[str, dict], out: Pa
 
 
 def run_quality(
-    out: Path, quick: bool = False, seeds: int = 2, steps: int = 200, executor: str = "sequential",
+    out: Path, quick: bool = False, seeds: int = 2, steps: int = 150, executor: str = "sequential",
     ray_address: str | None = None, lr_sweep: bool = True,
 ) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
@@ -407,7 +408,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise UserError("--seeds and --steps must be at least 1")
     if not args.out:
         raise UserError("bench quality needs --out DIR")
-    steps = args.steps or (150 if args.quick else 200)
+    steps = args.steps or DEFAULT_STEPS
     rows = run_quality(Path(args.out), args.quick, seeds, steps, args.executor, args.ray_address)
     print((Path(args.out) / "report.md").read_text() if rows else "no run finished")
     return 0 if rows else 1
