@@ -238,9 +238,13 @@ def export_results(trainer: Trainer, out: Path, views: int = 8, video_frames: in
 
 
 def alignment_metrics(prompt: str, prior: str, images: torch.Tensor) -> dict[str, float]:
-    """The toy judge's verdict over the views, when the prompt is a toy-world caption."""
+    """The toy judge's verdict over the views, when the prompt is a toy-world caption; on other priors the
+    CLIP score when local open_clip weights are configured (``lods.clip_score``), else nothing."""
     if prior != "toy":
-        return {}
+        from lods.clip_score import clip_scorer
+
+        scorer = clip_scorer()
+        return {"clip_score": scorer(images, prompt)} if scorer is not None else {}
     from lods.priors.toy.judge import judge_images, load_judge
     from lods.priors.toy.world import parse_caption
 

@@ -213,3 +213,16 @@ def test_read_views_inverts_the_grid(tmp_path):
     back = read_views(tmp_path / "v.png")
     assert back.shape == (3, 8, 8, 3)
     assert np.abs(back.astype(float) / 255 - views.permute(0, 2, 3, 1).numpy()).max() < 1 / 255 + 1e-6
+
+
+def test_clip_score_is_skipped_cleanly_without_local_weights(monkeypatch, tmp_path):
+    from lods import clip_score
+    from lods.runs import alignment_metrics
+
+    monkeypatch.delenv("LODS_CLIP_WEIGHTS", raising=False)
+    assert clip_score.unavailable_reason() == "LODS_CLIP_WEIGHTS is not set"
+    assert clip_score.clip_scorer() is None
+    assert alignment_metrics("a photo of a hamburger", "sd21", torch.rand(2, 3, 32, 32)) == {}
+    monkeypatch.setenv("LODS_CLIP_WEIGHTS", str(tmp_path / "missing.bin"))
+    assert "is not a file" in clip_score.unavailable_reason()
+    assert clip_score.clip_scorer() is None
