@@ -34,6 +34,7 @@ from lods.trainer import RunConfig, Snapshot, Trainer, load_prior
 log = logging.getLogger(__name__)
 
 ACTIVE_PHASES = ("loading", "running", "paused", "exporting")
+MAX_QUEUE = 8
 PriorFactory = Callable[[str, torch.device], DiffusionPrior]
 SnapshotListener = Callable[[Snapshot], None]
 TrainerListener = Callable[[Trainer], None]
@@ -114,7 +115,11 @@ class JobManager:
         self._prior_cache: tuple[tuple[str, str], DiffusionPrior] | None = None
         self._listeners: list[SnapshotListener] = list(listeners or [])
         self._trainer_listeners: list[TrainerListener] = []
+        self._queue: list[tuple[str, RunConfig, list[RunConfig] | None]] = []  # (owner, config, comparison)
+        self._kept: dict[str, Job] = {}  # finished runs whose owners have not looked at them when the next began
+        self._closed = False
         self.join_timeout = join_timeout
+        self.max_queue = MAX_QUEUE
 
     # ------------------------------------------------------------------ reading
 
@@ -122,6 +127,20 @@ class JobManager:
         """The active job, or the last finished one while its files are kept; None before the first."""
         with self._lock:
             return self._job
+
+    def queue_position(self, owner: str) -> int | None:
+        """1 for the next run to start, ...; None when ``owner`` has nothing queued."""
+        with self._lock:
+            return next((i + 1 for i, (o, _, _) in enumerate(self._queue) if o == owner), None)
+
+    def queue_length(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    def kept(self, owner: str) -> Job | None:
+        """``owner``'s finished run, kept with its files after a queued run took the device."""
+        with self._lock:
+            return self._kept.get(owner)
 
     def add_listener(self, listener: SnapshotListener) -> None:
         with self._lock:
@@ -141,11 +160,34 @@ class JobManager:
 
     def start_comparison(self, configs: list[RunConfig], owner: str) -> Job:
         """Start 2 to 4 runs stepped in turn on this device (the Compare tab); one job like any other."""
+        self._check_comparison(configs)
+        return self._start(configs[0], owner, list(configs))
+
+    @staticmethod
+    def _check_comparison(configs: list[RunConfig]) -> None:
         if len(configs) < 2:
             raise UserError("a comparison needs at least two configurations")
         for c in configs:
             c.validate()
-        return self._start(configs[0], owner, list(configs))
+
+    def start_or_queue(self, config: RunConfig, owner: str, compare: list[RunConfig] | None = None) -> Job | int:
+        """Start now when the device is free; else queue it (one entry per session, replacing an older one)
+        and return its position. The queue's head starts when the active job ends."""
+        if compare is not None:
+            self._check_comparison(compare)
+            config = compare[0]
+        config.validate()
+        with self._lock:
+            busy = self._job is not None and self._job.active
+            if busy and self._job.owner == owner:
+                raise JobBusy("your run is still in progress; stop it first")
+            if busy:
+                self._queue = [q for q in self._queue if q[0] != owner]
+                if len(self._queue) >= self.max_queue:
+                    raise UserError(f"the queue is full ({self.max_queue} runs wait); try again later")
+                self._queue.append((owner, config, compare))
+                return len(self._queue)
+        return self._start(config, owner, compare)
 
     def _start(self, config: RunConfig, owner: str, compare: list[RunConfig] | None) -> Job:
         with self._lock:
@@ -153,15 +195,38 @@ class JobManager:
                 whose = "yours" if self._job.owner == owner else "started in another session"
                 what = "a comparison" if self._job.is_comparison else "a run"
                 raise JobBusy(f"{what} is already in progress ({whose}); stop it or wait until it ends")
-            previous = self._job
-            job = Job(id=next(self._ids), owner=owner, config=config, compare_configs=compare,
-                      out_dir=Path(tempfile.mkdtemp(prefix="lods-job-")))
-            job.thread = threading.Thread(target=self._run, args=(job,), name=f"lods-job-{job.id}", daemon=True)
-            self._job = job
-        if previous is not None:
-            _remove(previous.out_dir)
+            job = self._begin(config, owner, compare)
         job.thread.start()
         return job
+
+    def _begin(self, config: RunConfig, owner: str, compare: list[RunConfig] | None) -> Job:
+        """Make ``job`` current (lock held); the previous run's folder goes, unless another session's
+        finished run has files its owner may still want (then it is kept for them)."""
+        previous = self._job
+        job = Job(id=next(self._ids), owner=owner, config=config, compare_configs=compare,
+                  out_dir=Path(tempfile.mkdtemp(prefix="lods-job-")))
+        job.thread = threading.Thread(target=self._run, args=(job,), name=f"lods-job-{job.id}", daemon=True)
+        self._job = job
+        stale = [self._kept.pop(owner, None)]
+        if previous is not None:
+            if previous.owner != owner and previous.files:
+                stale.append(self._kept.pop(previous.owner, None))
+                self._kept[previous.owner] = previous
+            else:
+                stale.append(previous)
+        for old in stale:
+            if old is not None:
+                _remove(old.out_dir)
+        return job
+
+    def _start_next(self) -> None:
+        """The head of the queue takes the device (called when a job's thread ends)."""
+        with self._lock:
+            if self._closed or not self._queue or (self._job is not None and self._job.active):
+                return
+            owner, config, compare = self._queue.pop(0)
+            job = self._begin(config, owner, compare)
+        job.thread.start()
 
     def _prior(self, name: str, device: torch.device) -> DiffusionPrior:
         key = (name, str(device))
@@ -235,6 +300,7 @@ class JobManager:
                     trainer.estimator.close()  # detach LoRA adapters from the cached prior
                 except Exception:
                     log.exception("closing the estimator of run %d failed", job.id)
+            self._start_next()
 
     def _run_comparison(self, job: Job, prior: DiffusionPrior) -> None:
         """The comparison's runs, in turn; each one's results go to ``out_dir/<n>-<method>-cfg-<w>/``."""
@@ -329,8 +395,13 @@ class JobManager:
             job.trainer.stop()
 
     def discard(self, owner: str) -> bool:
-        """Reset: stop the owner's job without writing results, wait for its thread, delete its folder."""
+        """Reset: stop the owner's job without writing results, wait for its thread, delete its folder; the
+        owner's queued run and kept results go too."""
         with self._lock:
+            self._queue = [q for q in self._queue if q[0] != owner]
+            kept = self._kept.pop(owner, None)
+            if kept is not None:
+                _remove(kept.out_dir)
             job = self._job
             if job is None:
                 return False
@@ -348,8 +419,9 @@ class JobManager:
         return True
 
     def release(self, owner: str) -> None:
-        """The owner's tab closed: stop its active job without writing results (no wait)."""
+        """The owner's tab closed: stop its active job without writing results (no wait), drop its queued run."""
         with self._lock:
+            self._queue = [q for q in self._queue if q[0] != owner]
             job = self._job
             if job is not None and job.active and job.owner == owner:
                 self._request_stop(job, export=False)
@@ -357,12 +429,17 @@ class JobManager:
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop any active job, join its thread and delete its folder (process exit, tests)."""
         with self._lock:
+            self._closed = True
+            self._queue.clear()
             job, self._job = self._job, None
+            kept, self._kept = list(self._kept.values()), {}
             if job is not None and job.active:
                 self._request_stop(job, export=False)
         if job is not None:
             job.thread.join(self.join_timeout if timeout is None else timeout)
             _remove(job.out_dir)
+        for old in kept:
+            _remove(old.out_dir)
         self._prior_cache = None
 
 

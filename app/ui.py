@@ -124,6 +124,15 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
+def queue_text(manager: JobManager, viewer: str) -> str:
+    """`` · your run is queued (position 1 of 2)`` / `` · 2 runs queued``, or nothing."""
+    n = manager.queue_length()
+    if not n:
+        return ""
+    pos = manager.queue_position(viewer)
+    return f" · your run is queued (position {pos} of {n})" if pos else f" · {n} run{'s' * (n > 1)} queued"
+
+
 def status_text(job: Job | None, viewer: str) -> str:
     """Two Markdown lines: the state with step, it/s and ETA; then what runs and for whom."""
     if job is None:
@@ -188,9 +197,12 @@ class Studio:
                 cfg=cfg, scene_lr_scale=scene_lr_scale, learned_lr=learned_lr, steps=steps, seed=seed,
                 max_steps=self.settings.max_steps, overrides=self.settings.run_overrides,
             )
-            job = self.manager.start(config, owner=self._session(request))
+            job = self.manager.start_or_queue(config, owner=self._session(request))
         except UserError as err:
             return notice(one_line(err), error=True)
+        if isinstance(job, int):
+            return notice(f"Another session's run is in progress: yours is queued (position {job}) and starts "
+                          "when the device is free; keep this tab open.")
         return notice(f"Started run {job.id}.")
 
     def toggle_pause(self, request: gr.Request = None) -> tuple[str, Any]:
@@ -327,9 +339,12 @@ class Studio:
             for slot in chosen:
                 if slot.method not in APP_METHODS:
                     raise UserError(f"unknown method '{md_text(slot.method)[:40]}'")
-            job = self.manager.start_comparison(comparison_configs(base, chosen), owner=self._session(request))
+            configs = comparison_configs(base, chosen)
+            job = self.manager.start_or_queue(configs[0], owner=self._session(request), compare=configs)
         except UserError as err:
             return notice(one_line(err), error=True)
+        if isinstance(job, int):
+            return notice(f"Another session's run is in progress: your comparison is queued (position {job}).")
         return notice(f"Started comparison {job.id}: {len(job.compare_configs)} runs, one step of each in turn.")
 
     def compare_pause(self, request: gr.Request = None) -> str:
@@ -394,14 +409,17 @@ class Studio:
         job = self.manager.current()
         if job is not None and job.id <= view.get("dismissed", 0):
             job = None
-        keys: dict[str, Any] = {"status": status_text(job, me)}
+        kept = self.manager.kept(me)
+        if kept is not None and job is not None and job.owner == me:
+            kept = None
+        keys: dict[str, Any] = {"status": status_text(job, me) + queue_text(self.manager, me)}
         if job is None:
             keys.update(snap=None, phase=None)
             values = self._cleared()
         else:
             snap = job.snapshot()
             keys["snap"] = (job.id, snap.step, len(snap.knob_changes), snap.status) if snap is not None else job.id
-            keys["phase"] = (job.id, job.state, len(job.files))
+            keys["phase"] = (job.id, job.state, len(job.files), kept.id if kept else None)
             values = None
         changed = {k for k, v in keys.items() if view.get(k) != v}
         view.update(keys)
@@ -416,7 +434,7 @@ class Studio:
             plots = [metric_frame(snap.history, snap.knob_changes, spec) for spec in PLOTS]
         files, model, pause = gr.skip(), gr.skip(), gr.skip()
         if "phase" in changed:
-            paths = [str(p) for p in job.files]
+            paths = [str(p) for p in (kept.files if kept is not None else job.files)]  # your last run's files
             files = paths or None
             model = next((p for p in paths if p.endswith((".ply", ".glb"))), None)
             pause = gr.update(value="Resume" if job.state == "paused" else "Pause")

@@ -133,8 +133,12 @@ def test_run_live_knobs_second_session_and_stop(server):
         job = jobs.current()
         wait_for(lambda: job.trainer is not None and job.trainer.step >= 3)
 
-        # a second session sees the run but may not start, steer or stop it
-        assert "already in progress" in start(b)
+        # a second session sees the run but may not steer or stop it; its own run queues behind it
+        assert "queued (position 1)" in start(b, steps=2000)
+        assert "queued (position 1)" in start(b, steps=2000)  # one entry per session, replaced
+        assert jobs.queue_length() == 1
+        assert "your run is queued (position 1 of 1)" in b.predict(api_name="/poll")[0]
+        assert "1 run queued" in a.predict(api_name="/poll")[0]
         assert "another session" in b.predict(api_name="/stop")
         assert "another session" in b.predict(20, api_name="/set_cfg")
         status_b = b.predict(api_name="/poll")[0]
@@ -167,21 +171,23 @@ def test_run_live_knobs_second_session_and_stop(server):
         assert "Resumed" in str(a.predict(api_name="/pause"))
         wait_for(lambda: job.trainer.step > held)
 
-        # stop frees the job: the thread ends, the result files come from the job's own folder
+        # stop frees the job: the thread ends, the result files come from the job's own folder; the queued
+        # run of the other session starts, and the first session still gets its own files
         assert "Stopping" in a.predict(api_name="/stop")
         job.thread.join(20)
         assert not job.thread.is_alive() and job.phase == "stopped"
         names = {p.name for p in job.files}
         assert {"image.png", "config.yaml", "metrics.jsonl"} <= names
         assert all(p.parent == job.out_dir for p in job.files)
+        second = wait_for(lambda: (j := jobs.current()) is not job and j)
+        assert second.owner == b.session_hash and second.config.steps == 2000 and jobs.queue_length() == 0
         files = a.predict(api_name="/poll")[-1]
-        assert {Path(f).name for f in files} == names
+        assert {Path(f).name for f in files} == names and job.out_dir.exists()
 
-        # now the other session may start; Reset stops its run and deletes the folder
-        assert "Started run" in start(b, steps=2000)
-        second = jobs.current()
-        assert second is not job and not job.out_dir.exists()
+        # Reset by the other session stops its run and deletes the folder; the first one's kept files go
+        # when that session resets or starts again
         assert "another session" in attempt(a.predict, api_name="/reset")[11]
+        assert not job.out_dir.exists()
         b.predict(api_name="/reset")
         assert not second.thread.is_alive() and jobs.current() is None and not second.out_dir.exists()
     finally:
@@ -308,6 +314,15 @@ def test_job_manager_owner_rules_and_clean_shutdown(manager):
     job = manager.start(config, owner="a")
     with pytest.raises(UserError, match="already in progress"):
         manager.start(config, owner="b")
+    with pytest.raises(UserError, match="still in progress"):
+        manager.start_or_queue(config, owner="a")
+    assert manager.start_or_queue(config, owner="b") == 1 and manager.start_or_queue(config, owner="c") == 2
+    assert manager.queue_position("c") == 2
+    manager.release("b")  # a queued session's tab closes: its entry goes
+    assert manager.queue_position("c") == 1 and manager.queue_length() == 1
+    manager.max_queue = 1
+    with pytest.raises(UserError, match="queue is full"):
+        manager.start_or_queue(config, owner="d")
     with pytest.raises(NotOwner):
         manager.set_knobs("b", cfg=10)
     with pytest.raises(UserError):
@@ -319,7 +334,10 @@ def test_job_manager_owner_rules_and_clean_shutdown(manager):
     manager.release("a")
     job.thread.join(20)
     assert job.phase == "stopped" and not job.thread.is_alive()
-    out = job.out_dir
+    queued = wait_for(lambda: (j := manager.current()) is not job and j)  # the queue's head took the device
+    assert queued.owner == "c" and manager.queue_length() == 0
+    assert not job.out_dir.exists() and manager.kept("a") is None  # a closed tab's run had no files to keep
+    out = queued.out_dir
     manager.shutdown()
     assert manager.current() is None and not out.exists()
 
