@@ -89,8 +89,12 @@ def _judge(args: argparse.Namespace) -> int:
         paths = sorted(Path(args.cache).glob("chunk_*.pt"))
         if not paths:
             raise UserError(f"no rendered chunks in {args.cache}")
-        J.train_judge(load_cache(paths), minutes=args.minutes)
-    judge = J.load_judge()
+        out = args.judge_out or J.JUDGE_PATH
+        J.train_judge(load_cache(paths), out=out, minutes=args.minutes, lr=args.lr, work_dir=args.work_dir,
+                      init=J.load_judge() if args.init else None)
+        judge = J.load_judge(out)
+    else:
+        judge = J.load_judge()
     test_dir = Path(args.cache).parent / "judge-test"
     report: dict = {"renders": J.evaluate_on_renders(judge, load_cache(render_cache(test_dir, 1024, seed=7)))}
     print("judge accuracy on held-out renders:", json.dumps(report["renders"]))
