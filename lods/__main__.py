@@ -86,10 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["guidance", "speed", "quality"])
     b.add_argument("--prior", default="toy")
     b.add_argument("--steps", type=int, default=None,
-                   help="steps per measurement (guidance 5, speed 20) or per run (quality 150)")
+                   help="steps per measurement (guidance 5, speed 20) or per run (quality 300)")
     b.add_argument("--out", default=None, help="guidance: a JSON file; speed, quality: a folder")
     b.add_argument("--quick", action="store_true", help="quality: 3 prompts, 5 methods, 1 seed (about 15 min on CPU)")
     b.add_argument("--seeds", type=int, default=None, help="quality: seeds per prompt and method (default 2, quick 1)")
+    b.add_argument("--report-only", action="store_true",
+                   help="quality: write the report from the finished runs, run nothing")
     b.add_argument("--backbones", default="gs,nerf,image", help="speed: comma-separated backbones")
     b.add_argument("--methods", default=None, help="speed: comma-separated estimators (default: all)")
     b.add_argument("--device", default=None, help="speed: cpu or cuda (default: cuda when available)")

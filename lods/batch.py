@@ -13,6 +13,7 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import re
 import traceback
 from collections.abc import Callable, Iterable
@@ -51,6 +52,50 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise UserError(f"{p} holds no prompts")
     return prompts
+
+
+def claim(out: str | Path) -> bool:
+    """Take the job folder for this process (``.claim`` holds its pid), so that several processes can work
+    through the same batch side by side; False when a live process holds it. A dead holder's claim is taken
+    over."""
+    path = Path(out) / ".claim"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+            except (ValueError, OSError):
+                pid = 0
+            if pid == os.getpid():
+                return True
+            if pid and _alive(pid):
+                return False
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release_claim(out: str | Path) -> None:
+    (Path(out) / ".claim").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Claimed(UserError):
+    """Another process is running this job."""
 
 
 def is_done(out: str | Path) -> bool:

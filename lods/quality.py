@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lods.batch import Job, map_jobs, run_job, slug
+from lods.batch import Claimed, Job, claim, map_jobs, release_claim, run_job, slug
 from lods.errors import UserError
 
 QUALITY_PROMPTS = {
@@ -52,7 +52,7 @@ QUALITY_PROMPTS = {
     ],
 }
 QUICK_PROMPTS = ["a red cube", "a red sphere on grass", "a red cube and a blue sphere"]
-DEFAULT_STEPS = 150  # per run; the quick runs are a subset of the full ones (same folders), so both resume each other
+DEFAULT_STEPS = 300  # per run (150 left most objects unformed); quick runs are a subset of the full ones (same folders)
 CSV_COLUMNS = (
     "method", "cfg", "prompt", "seed", "alignment", "saturation_error", "artifact_score", "floater_score",
     "variant", "learned_lr", "category", "saturation", "world_saturation", "value", "clipped", "feature_distance",
@@ -194,6 +194,15 @@ def _quality_job(job: Job) -> dict[str, Any]:
     qpath = out / "quality.json"
     if qpath.exists():
         return json.loads(qpath.read_text())
+    if not claim(out):
+        raise Claimed(f"{out} is being run by another process")
+    try:
+        return _measure_job(job, out, qpath)
+    finally:
+        release_claim(out)
+
+
+def _measure_job(job: Job, out: Path, qpath: Path) -> dict[str, Any]:
     from lods.cameras import turntable
 
     measured: dict[str, Any] = {}
@@ -333,7 +342,7 @@ def write_report(rows: list[dict[str, Any]], references: dict[str, dict], out: P
     lines = [
         "# Quality benchmark (toy prior, Gaussian splats)",
         "",
-        f"{len(rows)} runs, {len({r['prompt'] for r in rows})} prompts, seeds "
+        f"{len(rows)} of {len(jobs)} planned runs, {len({r['prompt'] for r in rows})} prompts, seeds "
         f"{sorted({int(r['seed']) for r in rows})}, {rows[0]['steps'] if rows else 0} steps each. "
         f"World renders of the same prompts: saturation {world['saturation']:.3f}, clipped {world['clipped']:.3f}, "
         f"floater score {world['floater_score']:.3f}, judged right {world['alignment']:.3f}.",
@@ -378,16 +387,17 @@ def _write_grid(rows: list[dict[str, Any]], references: dict[str, dict], out: Pa
 
 
 def run_quality(
-    out: Path, quick: bool = False, seeds: int = 2, steps: int = 150, executor: str = "sequential",
-    ray_address: str | None = None, lr_sweep: bool = True,
+    out: Path, quick: bool = False, seeds: int = 2, steps: int = DEFAULT_STEPS, executor: str = "sequential",
+    ray_address: str | None = None, lr_sweep: bool = True, report_only: bool = False,
 ) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     jobs = plan(quick, seeds, steps, out, lr_sweep)
-    todo = [j for j in jobs if not (Path(j.out) / "quality.json").exists()]
-    print(f"quality benchmark: {len(jobs)} runs, {len(jobs) - len(todo)} already done; results in {out}")
+    todo = [] if report_only else [j for j in jobs if not (Path(j.out) / "quality.json").exists()]
+    print(f"quality benchmark: {len(jobs)} runs, {len(jobs) - len(todo)} already done; results in {out} "
+          "(another process started on the same folder shares the work)")
     for job, result in tqdm(map_jobs(_quality_job, todo, executor, ray_address), total=len(todo), unit="run",
                             desc="quality"):
-        if isinstance(result, BaseException):
+        if isinstance(result, BaseException) and not isinstance(result, Claimed):
             tqdm.write(f"failed: {job.out}: {result}")
     rows = []
     for job in jobs:
@@ -409,6 +419,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     if not args.out:
         raise UserError("bench quality needs --out DIR")
     steps = args.steps or DEFAULT_STEPS
-    rows = run_quality(Path(args.out), args.quick, seeds, steps, args.executor, args.ray_address)
+    rows = run_quality(Path(args.out), args.quick, seeds, steps, args.executor, args.ray_address,
+                       report_only=args.report_only)
     print((Path(args.out) / "report.md").read_text() if rows else "no run finished")
     return 0 if rows else 1

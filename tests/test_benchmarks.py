@@ -226,3 +226,19 @@ def test_clip_score_is_skipped_cleanly_without_local_weights(monkeypatch, tmp_pa
     monkeypatch.setenv("LODS_CLIP_WEIGHTS", str(tmp_path / "missing.bin"))
     assert "is not a file" in clip_score.unavailable_reason()
     assert clip_score.clip_scorer() is None
+
+
+def test_job_claims_let_processes_share_a_batch(tmp_path):
+    import os
+
+    from lods.batch import claim, release_claim
+
+    folder = tmp_path / "job"
+    assert claim(folder) and claim(folder)  # this process holds it (a second claim is harmless)
+    assert (folder / ".claim").read_text() == str(os.getpid())
+    (folder / ".claim").write_text("1")  # held by a live process (init)
+    assert not claim(folder)
+    (folder / ".claim").write_text(str(2**22 + 12345))  # a holder that is gone: taken over
+    assert claim(folder) and (folder / ".claim").read_text() == str(os.getpid())
+    release_claim(folder)
+    assert not (folder / ".claim").exists()
