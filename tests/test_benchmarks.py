@@ -139,11 +139,13 @@ def test_batch_bad_input_is_one_line(tiny_sd_dir, tmp_path, capsys, extra, needl
     assert needle in err and len(err.splitlines()) == 1
 
 
-def test_ray_executor_on_a_local_cluster(tiny_sd_dir, tmp_path):
+def test_ray_executor_on_a_local_cluster(tmp_path):
+    """Ray's ``local_mode`` is gone from current Ray, so this starts a single-node Ray instance on this machine
+    (CPU, 2 workers) and runs two toy-prior jobs as Ray tasks."""
     ray = pytest.importorskip("ray")
     jobs = [
-        Job({"prompt": p, "prior": str(tiny_sd_dir), "backbone": "image", "method": "sds", "steps": 2,
-             "device": "cpu", "batch": 1}, str(tmp_path / slug(p)))
+        Job({"prompt": p, "prior": "toy", "backbone": "image", "method": "sds", "steps": 2, "device": "cpu",
+             "batch": 1}, str(tmp_path / slug(p)))
         for p in ("a red cube", "a blue sphere")
     ]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
