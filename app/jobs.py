@@ -269,11 +269,7 @@ class JobManager:
             self._notify(listeners, trainer)
             with self._lock:
                 job.trainer = trainer
-                if job.stop_requested:
-                    trainer.stop()
-                elif job.pause_requested:
-                    trainer.pause()
-                job.phase = "running"
+                self._attach(job, trainer)
             status = trainer.run()
             files: list[Path] = []
             message = trainer.message
@@ -302,17 +298,22 @@ class JobManager:
                     log.exception("closing the estimator of run %d failed", job.id)
             self._start_next()
 
+    @staticmethod
+    def _attach(job: Job, runner: Trainer | Comparison) -> None:
+        """The job starts running ``runner``, with a Stop or Pause pressed while it loaded (lock held)."""
+        if job.stop_requested:
+            runner.stop()
+        elif job.pause_requested:
+            runner.pause()
+        job.phase = "running"
+
     def _run_comparison(self, job: Job, prior: DiffusionPrior) -> None:
         """The comparison's runs, in turn; each one's results go to ``out_dir/<n>-<method>-cfg-<w>/``."""
         comparison = Comparison(job.compare_configs, prior)
         try:
             with self._lock:
                 job.comparison = comparison
-                if job.stop_requested:
-                    comparison.stop()
-                elif job.pause_requested:
-                    comparison.pause()
-                job.phase = "running"
+                self._attach(job, comparison)
             statuses = comparison.run()
             files: list[Path] = []
             if job.export_on_stop:

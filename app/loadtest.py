@@ -11,12 +11,10 @@ slowdown of training. A benchmark: it prints figures, it asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import statistics
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 GOOD_RUN = dict(prompt="a red cube", negative_prompt="", prior="toy", custom_model="", backbone="gs",
@@ -149,6 +147,8 @@ def run_load_test(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lods.export import print_and_save_json
+
     p = argparse.ArgumentParser(prog="python -m app.loadtest", description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--seconds", type=float, default=30.0, help="length of each measurement window")
@@ -156,11 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)
     report = run_load_test(clients=args.clients, seconds=args.seconds, poll_s=args.poll)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    print_and_save_json(report, args.out)
     return 0
 
 

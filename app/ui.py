@@ -156,17 +156,11 @@ def status_text(job: Job | None, viewer: str) -> str:
                 head += f" · ETA {duration((config.steps - step) / rate)}"
     if job.message and state in ("stopped", "diverged", "failed", "done"):
         head += f" · {md_text(job.message)}"
-    if job.is_comparison:
-        detail = (f"Comparison of {len(job.compare_configs)} runs (Compare tab) on "
-                  f"{BACKBONE_LABELS.get(config.backbone, config.backbone)}, prior {md_text(config.prior)}, "
-                  f"prompt “{md_text(config.prompt)}”")
-        if job.owner != viewer:
-            detail += " · *started in another session: you are watching it read-only*"
-        return f"{head}  \n{detail}"
-    cfg = job.knob("cfg")
-    detail = (f"{md_text(METHOD_LABELS.get(config.method, config.method))} on "
-              f"{BACKBONE_LABELS.get(config.backbone, config.backbone)}, prior {md_text(config.prior)}, "
-              f"CFG {cfg:g}, prompt “{md_text(config.prompt)}”")
+    what = (f"Comparison of {len(job.compare_configs)} runs (Compare tab)" if job.is_comparison
+            else md_text(METHOD_LABELS.get(config.method, config.method)))
+    cfg = "" if job.is_comparison else f"CFG {job.knob('cfg'):g}, "
+    detail = (f"{what} on {BACKBONE_LABELS.get(config.backbone, config.backbone)}, prior {md_text(config.prior)}, "
+              f"{cfg}prompt “{md_text(config.prompt)}”")
     if job.owner != viewer:
         detail += " · *started in another session: you are watching it read-only*"
     return f"{head}  \n{detail}"

@@ -205,6 +205,30 @@ def map_jobs(
             yield job, err
 
 
+def run_all(fn: Callable[[Job], Any], jobs: list[Job], executor: str, ray_address: str | None, desc: str,
+            describe: Callable[[Job], str]) -> int:
+    """``map_jobs`` with a progress bar; failures are reported (one line each, ``Claimed`` jobs silently) and
+    counted."""
+    failures = 0
+    for job, result in tqdm(map_jobs(fn, jobs, executor, ray_address), total=len(jobs), desc=desc, unit="run"):
+        if isinstance(result, BaseException) and not isinstance(result, Claimed):
+            failures += 1
+            tqdm.write(f"failed: {describe(job)}: {result}")
+    return failures
+
+
+def parse_methods(text: str | None, default: str | None = None) -> list[str]:
+    """Comma-separated estimators for runs that generate (``dds`` edits: it has its own command)."""
+    from lods.guidance import METHODS
+
+    methods = [m.strip() for m in (text or default or "").split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS or m == "dds"]
+    if unknown or not methods:
+        raise UserError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from: "
+                        + ", ".join(m for m in METHODS if m != "dds"))
+    return methods
+
+
 def batch_jobs(prompts: list[str], methods: list[str], base: dict[str, Any], out: Path) -> list[Job]:
     return [
         Job({**base, "prompt": p, "method": m}, str(out / f"{i:03d}-{slug(p)}" / m))
@@ -230,15 +254,10 @@ def write_summary_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from lods.guidance import METHODS
     from lods.runs import config_from_args
 
     prompts = read_prompts(args.prompts)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS or m == "dds"]
-    if unknown or not methods:
-        raise UserError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from: "
-                        + ", ".join(m for m in METHODS if m != "dds"))
+    methods = parse_methods(args.methods)
     if args.limit:
         prompts = prompts[: args.limit]
     args.prompt, args.method, args.negative_prompt, args.command = prompts[0], methods[0], None, "generate"
@@ -253,12 +272,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     todo = [j for j in jobs if not is_done(j.out)]
     print(f"{len(jobs)} runs ({len(prompts)} prompts x {len(methods)} methods): {len(jobs) - len(todo)} already "
           f"done, {len(todo)} to run on {args.executor}")
-    failures = 0
-    for job, result in tqdm(map_jobs(_batch_job, todo, args.executor, args.ray_address), total=len(todo),
-                            desc="batch", unit="run"):
-        if isinstance(result, BaseException):
-            failures += 1
-            tqdm.write(f"failed: {job.config['prompt']!r} / {job.config['method']}: {result}")
+    failures = run_all(_batch_job, todo, args.executor, args.ray_address, "batch",
+                       lambda job: f"{job.config['prompt']!r} / {job.config['method']}")
     rows = []
     for job in jobs:
         if is_done(job.out):

@@ -128,3 +128,14 @@ def write_png(path: str | Path, image: np.ndarray) -> Path:
     with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
     return Path(path)
+
+
+def print_and_save_json(report: dict, out: str | Path | None) -> None:
+    """Print a benchmark's report as JSON, and write it to ``out`` when given."""
+    import json
+
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)

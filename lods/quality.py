@@ -30,9 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from lods.batch import Claimed, Job, claim, map_jobs, release_claim, run_job, slug
+from lods.batch import Claimed, Job, claim, release_claim, run_all, run_job, slug
 from lods.errors import UserError
 
 QUALITY_PROMPTS = {
@@ -395,10 +394,7 @@ def run_quality(
     todo = [] if report_only else [j for j in jobs if not (Path(j.out) / "quality.json").exists()]
     print(f"quality benchmark: {len(jobs)} runs, {len(jobs) - len(todo)} already done; results in {out} "
           "(another process started on the same folder shares the work)")
-    for job, result in tqdm(map_jobs(_quality_job, todo, executor, ray_address), total=len(todo), unit="run",
-                            desc="quality"):
-        if isinstance(result, BaseException) and not isinstance(result, Claimed):
-            tqdm.write(f"failed: {job.out}: {result}")
+    run_all(_quality_job, todo, executor, ray_address, "quality", lambda job: job.out)
     rows = []
     for job in jobs:
         q = Path(job.out) / "quality.json"

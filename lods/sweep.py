@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from lods import export
-from lods.batch import Job, is_done, map_jobs, run_job
+from lods.batch import Job, is_done, parse_methods, run_all, run_job
 from lods.errors import UserError
-from lods.guidance import METHODS
 
 TABLE_COLUMNS = ("method", "cfg", "alignment", "saturation", "value", "clipped", "floater_score", "seconds",
                  "it_per_s")
@@ -108,11 +106,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     from lods.trainer import RunConfig
 
     cfgs = parse_cfg_list(args.cfg)
-    methods = [m.strip() for m in (args.methods or "lods-embed").split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS or m == "dds"]
-    if bad:
-        raise UserError(f"unknown method(s) {', '.join(bad)}; choose from: "
-                        + ", ".join(m for m in METHODS if m != "dds"))
+    methods = parse_methods(args.methods, default="lods-embed")
     args.method, args.command, args.cfg = methods[0], "generate", cfgs[0]
     base = config_from_args(args)
     RunConfig.from_dict(dict(base)).validate()
@@ -129,12 +123,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         if not is_done(job.out):
             todo.append(job)
     print(f"sweep: {len(jobs)} cells ({len(methods)} methods x {len(cfgs)} CFG weights), {len(todo)} to run")
-    failed = 0
-    for job, result in tqdm(map_jobs(_sweep_job, todo, args.executor, args.ray_address), total=len(todo),
-                            unit="run", desc="sweep"):
-        if isinstance(result, BaseException):
-            failed += 1
-            tqdm.write(f"failed: {job.config['method']} at CFG {job.config['cfg']:g}: {result}")
+    failed = run_all(_sweep_job, todo, args.executor, args.ray_address, "sweep",
+                     lambda job: f"{job.config['method']} at CFG {job.config['cfg']:g}")
     rows = write_outputs(jobs, methods, cfgs, out)
     if rows:
         print((out / "table.md").read_text())

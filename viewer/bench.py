@@ -12,7 +12,6 @@ A benchmark: it prints figures, it asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import threading
 import time
@@ -139,6 +138,8 @@ def run_viewer_bench(steps: int = 300, frame_bytes: int = 20_000, max_updates_pe
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lods.export import print_and_save_json
+
     p = argparse.ArgumentParser(prog="python -m viewer.bench", description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--max-updates", type=float, default=10.0, help="the viewer's update cap per second")
@@ -150,11 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.client == "chromium" and not Path(CHROMIUM).exists():
         raise SystemExit(f"needs Chromium at {CHROMIUM} (apt-get install -y chromium)")
     report = run_viewer_bench(args.steps, args.frame_bytes, args.max_updates, client=args.client)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    print_and_save_json(report, args.out)
     return 0
 
 
