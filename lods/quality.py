@@ -357,10 +357,36 @@ def write_report(rows: list[dict[str, Any]], references: dict[str, dict], out: P
             f"{t['artifact_score']:.3f} | {t['floater_score']:.3f} | {t['clipped']:.3f} | {t['diversity']:.3f} | "
             f"{t['it_per_s']:.2f} |"
         )
+    lines += lr_table(rows)
     lines += ["", "## The paper's claims on this world", "", *claims(table), ""]
     (out / "report.md").write_text("\n".join(lines).replace("nan", "-"))
     (out / "table.json").write_text(json.dumps(table, indent=2))
     _write_grid(rows, references, out)
+
+
+def lr_table(rows: list[dict[str, Any]]) -> list[str]:
+    """LODS-embed at CFG 100 by embedding learning rate, on the prompts the sweep ran (the default rate's
+    runs restricted to the same prompts and seeds, so that the rows compare)."""
+    sweep = [r for r in rows if r["variant"] in {v.label for v in LR_SWEEP}]
+    if not sweep:
+        return []
+    cells = {(r["prompt"], r["seed"]) for r in sweep}
+    from lods.trainer import TOY_LEARNED_LR
+
+    default = [r for r in rows if r["variant"] == "LODS-embed 100" and (r["prompt"], r["seed"]) in cells]
+    groups = [(f"{TOY_LEARNED_LR['lods-embed']:g} (default)", default)]
+    groups += [(f"{v.learned_lr:g}", [r for r in sweep if r["variant"] == v.label]) for v in LR_SWEEP]
+    lines = ["", f"Embedding learning rate (LODS-embed, CFG 100) on {len({p for p, _ in cells})} prompt(s): "
+             + ", ".join(sorted({p for p, _ in cells})), "",
+             "| learning rate | runs | alignment | saturation error | artifact | floater |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, rs in groups:
+        if rs:
+            m = {k: float(np.mean([r[k] for r in rs])) for k in ("alignment", "saturation_error", "artifact_score",
+                                                                  "floater_score")}
+            lines.append(f"| {name} | {len(rs)} | {m['alignment']:.3f} | {m['saturation_error']:+.3f} | "
+                         f"{m['artifact_score']:.3f} | {m['floater_score']:.3f} |")
+    return lines
 
 
 def _write_grid(rows: list[dict[str, Any]], references: dict[str, dict], out: Path) -> None:
