@@ -293,8 +293,10 @@ def claims(table: list[dict[str, Any]]) -> list[str]:
         keeps = lo["alignment"] >= s["alignment"] - 0.05
         if colour and keeps:
             verdict = "holds"
-        elif (colour or artifacts) and keeps:
-            verdict = "holds in part (fewer artifacts, colours not closer to the world's)"
+        elif artifacts and keeps:
+            verdict = "holds in part: fewer artifacts, colours not closer to the world's"
+        elif colour:
+            verdict = "holds in part: colours closer to the world's, but fewer views judged right"
         else:
             verdict = "does not hold"
         out.append(
@@ -358,7 +360,11 @@ def write_report(rows: list[dict[str, Any]], references: dict[str, dict], out: P
             f"{t['it_per_s']:.2f} |"
         )
     lines += lr_table(rows)
-    lines += ["", "## The paper's claims on this world", "", *claims(table), ""]
+    lines += ["", "## The paper's claims on this world", "", "Over every prompt:", "", *claims(table), ""]
+    single = [r for r in rows if r["category"] == "single"]
+    if single and len(single) < len(rows):
+        lines += ["Over the single-object prompts only (the category where the toy prior forms the objects):", "",
+                  *claims(mean_table(single, {})), ""]
     (out / "report.md").write_text("\n".join(lines).replace("nan", "-"))
     (out / "table.json").write_text(json.dumps(table, indent=2))
     _write_grid(rows, references, out)
