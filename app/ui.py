@@ -313,8 +313,12 @@ class Studio:
                 values += [COMPARE_OFF, "100"]
         return tuple(values)
 
-    def compare_start(self, prompt: Any, prior: Any, backbone: Any, steps: Any, seed: Any, *slots: Any,
+    def compare_start(self, prompt: Any, prior: Any, backbone: Any, steps: Any, seed: Any, method1: Any, cfg1: Any,
+                      method2: Any, cfg2: Any, method3: Any, cfg3: Any, method4: Any, cfg4: Any,
                       request: gr.Request = None) -> str:
+        """Start (or queue) the comparison of the chosen slots; "off" slots are left out. The slots are named
+        parameters: Gradio hands the session's request only to a parameter it can see in the signature."""
+        slots = (method1, cfg1, method2, cfg2, method3, cfg3, method4, cfg4)
         try:
             name = self.settings.policy.resolve(prior, "")
             chosen = []

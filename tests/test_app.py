@@ -561,9 +561,11 @@ def test_compare_tab_callbacks(manager):
     one = studio.compare_start("a red cube", "toy", "image", 3, 0, "sds", "100", *["off", "100"] * 3)
     assert one.startswith("⚠️") and "2 to 4" in one
     assert manager.current() is None
-    ok = studio.compare_start("a red cube", "toy", "image", 3, 0, *preset)
+    ok = studio.compare_start("a red cube", "toy", "image", 3, 0, *preset, request=types.SimpleNamespace(
+        session_hash="teacher"))
     assert "Started comparison" in ok and "4 runs" in ok
     job = manager.current()
+    assert job.owner == "teacher"  # the session that pressed Start owns the comparison (it may stop it)
     job.thread.join(30)
     status, gallery, table, files, view = studio.compare_poll({})
     assert "Done" in status and "Comparison of 4 runs" in status
