@@ -199,16 +199,21 @@ class Studio:
                           "when the device is free; keep this tab open.")
         return notice(f"Started run {job.id}.")
 
-    def toggle_pause(self, request: gr.Request = None) -> tuple[str, Any]:
-        job = self.manager.current()
-        if job is None or not job.active:
-            return notice("Nothing is running."), gr.update(value="Pause")
+    def _toggle_pause(self, job: Job, request: gr.Request | None) -> tuple[str, bool | None]:
+        """Pause a running job or resume a paused one; the notice and the new paused state (None: refused)."""
         pause = job.state != "paused"
         try:
             self.manager.set_paused(self._session(request), pause)
         except UserError as err:
-            return notice(one_line(err), error=True), gr.skip()
-        return notice("Paused." if pause else "Resumed."), gr.update(value="Resume" if pause else "Pause")
+            return notice(one_line(err), error=True), None
+        return notice("Paused." if pause else "Resumed."), pause
+
+    def toggle_pause(self, request: gr.Request = None) -> tuple[str, Any]:
+        job = self.manager.current()
+        if job is None or not job.active:
+            return notice("Nothing is running."), gr.update(value="Pause")
+        message, paused = self._toggle_pause(job, request)
+        return message, gr.skip() if paused is None else gr.update(value="Resume" if paused else "Pause")
 
     def stop(self, request: gr.Request = None) -> str:
         try:
@@ -349,12 +354,7 @@ class Studio:
         job = self.manager.current()
         if job is None or not job.active or not job.is_comparison:
             return notice("No comparison is running.")
-        pause = job.state != "paused"
-        try:
-            self.manager.set_paused(self._session(request), pause)
-        except UserError as err:
-            return notice(one_line(err), error=True)
-        return notice("Paused." if pause else "Resumed.")
+        return self._toggle_pause(job, request)[0]
 
     def compare_poll(self, view: dict | None, request: gr.Request = None) -> tuple:
         """status, gallery, table, files, view state of the Compare tab; unchanged parts skipped."""

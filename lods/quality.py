@@ -119,13 +119,6 @@ def plan(quick: bool, seeds: int, steps: int, out: Path, lr_sweep: bool = True) 
 # ---------------------------------------------------------------------------- measures
 
 
-@functools.lru_cache(maxsize=1)
-def _judge():
-    from lods.priors.toy.judge import load_judge
-
-    return load_judge()
-
-
 def _floater(alpha: torch.Tensor, n_objects: int) -> float:
     from lods.metrics import floater_score
 
@@ -139,11 +132,11 @@ def world_reference(prompt: str, views: int = 8, size: int = 64) -> dict[str, An
     features (the reference every run of the prompt is compared with)."""
     from lods.cameras import turntable
     from lods.metrics import color_stats
-    from lods.priors.toy.judge import judge_images
+    from lods.priors.toy.judge import judge_images, shipped_judge
     from lods.priors.toy.world import parse_caption, render_captions
 
     r = render_captions([prompt] * views, size=size, seed=0, cameras=turntable(views, size))
-    judge = _judge()
+    judge = shipped_judge()
     cs = color_stats(r.rgb, r.alpha > 0.5)
     feats = judge.features(r.rgb)
     return {
@@ -162,10 +155,10 @@ def world_reference(prompt: str, views: int = 8, size: int = 64) -> dict[str, An
 def measure(rgb: torch.Tensor, alpha: torch.Tensor, prompt: str, reference: dict[str, Any]) -> dict[str, Any]:
     """The benchmark's measures of renders (B, 3, H, W) and alpha (B, 1, H, W) of ``prompt``."""
     from lods.metrics import color_stats
-    from lods.priors.toy.judge import judge_images
+    from lods.priors.toy.judge import judge_images, shipped_judge
     from lods.priors.toy.world import parse_caption
 
-    judge = _judge()
+    judge = shipped_judge()
     cs = color_stats(rgb, alpha[:, 0] > 0.5)
     feats = judge.features(rgb.clamp(0, 1))
     ref = torch.tensor(reference["features"])

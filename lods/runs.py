@@ -245,12 +245,12 @@ def alignment_metrics(prompt: str, prior: str, images: torch.Tensor) -> dict[str
 
         scorer = clip_scorer()
         return {"clip_score": scorer(images, prompt)} if scorer is not None else {}
-    from lods.priors.toy.judge import judge_images, load_judge
+    from lods.priors.toy.judge import judge_images, shipped_judge
     from lods.priors.toy.world import parse_caption
 
     try:
         parse_caption(prompt)
-        judge = load_judge()
+        judge = shipped_judge()
     except (ValueError, FileNotFoundError):
         return {}
     r = judge_images(judge, images, [prompt] * len(images))

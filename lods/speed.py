@@ -65,13 +65,13 @@ class PeakMemory:
 
 
 def measure_config(
-    prior, backbone: str, method: str, steps: int = 20, warmup: int = 3, seed: int = 0
+    prior, backbone: str, method: str, steps: int = 20, warmup: int = 3, seed: int = 0, prior_name: str = "toy"
 ) -> dict[str, Any]:
     """Train ``warmup + steps`` steps of one configuration and time the last ``steps`` by phase."""
     from lods.trainer import RunConfig, Trainer
 
     config = RunConfig(
-        prompt="a red cube", prior=prior.name if hasattr(prior, "name") else "toy", backbone=backbone,
+        prompt="a red cube", prior=prior_name, backbone=backbone,
         method=method, cfg=7.5 if method == "vsd" else 100.0, steps=warmup + steps, seed=seed,
         device=str(prior.device), batch=BACKBONE_BATCH[backbone], snapshot_every=10, checkpoint_every=0,
         source_prompt="a blue cube" if method == "dds" else None,
@@ -162,11 +162,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available")
     prior = load_prior(args.prior, device)
-    prior.name = args.prior
     configs = [(b, m) for b in backbones for m in methods if m != "dds" or b == "image"]
     rows = []
     for backbone, method in tqdm(configs, desc="bench speed", unit="config"):
-        rows.append(measure_config(prior, backbone, method, steps=steps))
+        rows.append(measure_config(prior, backbone, method, steps=steps, prior_name=args.prior))
         tqdm.write(f"{backbone:6s} {method:11s} {rows[-1]['it_per_s']:6.2f} it/s")
     report = {
         "device": str(device),

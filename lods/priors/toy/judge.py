@@ -7,6 +7,7 @@ combination (held-out ones included: it is a measuring instrument, not a generat
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -108,6 +109,12 @@ def load_judge(path: str | Path = JUDGE_PATH) -> Judge:
     judge = Judge()
     judge.load_state_dict(load_file(str(path)))
     return judge.eval()
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_judge() -> Judge:
+    """The package's judge, loaded once per process (alignment metrics ask for it on every run and poll)."""
+    return load_judge()
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
