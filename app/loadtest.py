@@ -1,21 +1,31 @@
 """``python -m app.loadtest``: many browser sessions on the app while a run trains.
 
 Launches the app on a free loopback port, starts a Gaussian-splat run from one session, measures the
-run's iterations per second alone, then with ``--clients`` sessions (``gradio_client``, one thread
-each) polling like the page does (every ``--poll`` seconds) and turning knobs: the run's owner changes
+run's iterations per second alone, then with ``--clients`` sessions (each speaking Gradio's queue
+protocol as the page's JavaScript does, all in one asyncio loop) polling like the page does (every ``--poll`` seconds) and turning knobs: the run's owner changes
 the CFG weight and the learning-rate scale, the other sessions try to (and are told they watch
-read-only). Reports errors, response times (median, 95th percentile, max) per endpoint and the
-slowdown of training. A benchmark: it prints figures, it asserts nothing.
+read-only). The clients run in a separate process, as browsers would on other machines
+(``--clients-in-process`` puts them in the server's process instead). Reports errors, response times
+(median, 95th percentile, max) per endpoint and the slowdown of training.
+A benchmark: it prints figures, it asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import multiprocessing
+import queue
+import re
 import socket
 import statistics
 import threading
 import time
+import uuid
 from typing import Any
+
+STEP = re.compile(r"step (\d+) /")
 
 GOOD_RUN = dict(prompt="a red cube", negative_prompt="", prior="toy", custom_model="", backbone="gs",
                 method="lods-embed", cfg=100.0, scene_lr_scale=1.0, learned_lr=3e-3, steps=20_000, seed=0)
@@ -40,9 +50,107 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+class PageSession:
+    """One browser session, speaking Gradio's queue protocol the way the page does.
+
+    A kept-alive HTTP connection; each call joins the queue (``POST /gradio_api/queue/join``) and reads
+    the session's event stream (``GET /gradio_api/queue/data``) until its result, as Gradio's own
+    JavaScript client does. Much lighter than ``gradio_client`` (a new connection, a thread and a
+    future per call), so that on a small machine the clients do not take the CPU the server needs.
+    """
+
+    def __init__(self, http: Any, url: str, session_hash: str, endpoints: dict[str, tuple[int, int]]) -> None:
+        self.http, self.url, self.session_hash, self.endpoints = http, url, session_hash, endpoints
+
+    @staticmethod
+    async def endpoints_of(http: Any, url: str) -> dict[str, tuple[int, int]]:
+        """api name -> (fn_index, number of inputs), from the app's config."""
+        config = (await http.get(f"{url}config")).raise_for_status().json()
+        return {d["api_name"]: (d["id"], len(d["inputs"])) for d in config["dependencies"] if d.get("api_name")}
+
+    async def call(self, name: str, *args: Any) -> list[Any]:
+        fn_index, n_inputs = self.endpoints[name]
+        data = [*args, *[None] * (n_inputs - len(args))]  # gr.State inputs: the server keeps their values
+        join = await self.http.post(f"{self.url}gradio_api/queue/join", json={
+            "data": data, "fn_index": fn_index, "session_hash": self.session_hash, "event_data": None,
+            "trigger_id": None})
+        event_id = join.raise_for_status().json()["event_id"]
+        async with self.http.stream("GET", f"{self.url}gradio_api/queue/data",
+                                    params={"session_hash": self.session_hash}) as stream:
+            async for line in stream.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed" and message.get("event_id") == event_id:
+                    if not message.get("success"):
+                        raise RuntimeError(str(message.get("output", {}).get("error")))
+                    return message["output"]["data"]
+        raise RuntimeError("the event stream closed without a result")
+
+
+def client_sessions(url: str, owner_session: str, clients: int, poll_s: float, knob_every: int, stop: Any,
+                    ready: Any, results: Any, snapshot_every: int = 10) -> None:
+    """``clients`` sessions (:class:`PageSession`, one asyncio loop) polling like the page and turning
+    knobs until ``stop``.
+
+    Like the page, a session loads everything once (``/poll``), then on every tick asks what changed
+    (``/watch``) and fetches the renders and plots (``/draw``) when a new snapshot is out (every
+    ``snapshot_every`` steps of the status line). The first session speaks as ``owner_session`` (the
+    session that started the run); the others are new sessions that watch. Runs in a thread or in
+    another process; puts ``{"latencies", "errors", "refused"}`` on ``results``.
+    """
+    import httpx
+
+    latencies: dict[str, list[float]] = {"poll": [], "watch": [], "draw": [], "set_cfg": [], "set_scene_lr": []}
+    errors: list[str] = []
+    refused = [0]
+
+    async def session(page: PageSession, index: int) -> None:
+        i, drawn_step = 0, -snapshot_every
+        while not stop.is_set():
+            i += 1
+            calls: list[tuple[str, tuple]] = [("poll", ())] if i == 1 else [("watch", ())]  # first: the page load
+            if i % knob_every == 0:
+                k = i // knob_every
+                calls.append(("set_cfg", (50.0 + (k % 7) * 10,)) if k % 2 else
+                             ("set_scene_lr", (1.0 - 0.1 * (k % 4 == 0),)))
+            for name, args in calls:  # a draw found necessary by a watch is appended and runs next
+                t0 = time.perf_counter()
+                try:
+                    out = await page.call(name, *args)
+                except Exception as err:  # noqa: BLE001 - every failure is a finding of the load test
+                    errors.append(f"{name}: {type(err).__name__}: {err}")
+                    continue
+                latencies[name].append(time.perf_counter() - t0)
+                if name == "watch":
+                    found = STEP.search(str(out[0]))
+                    if found and int(found.group(1)) >= drawn_step + snapshot_every:
+                        drawn_step = int(found.group(1))
+                        calls.append(("draw", ()))
+                elif name.startswith("set_"):
+                    if "another session" in str(out[0]):
+                        refused[0] += 1
+                    elif index == 0 and "set to" not in str(out[0]):
+                        errors.append(f"{name}: unexpected answer {out[0]!r}")
+            await asyncio.sleep(poll_s)
+
+    async def main() -> None:
+        limits = httpx.Limits(max_connections=4 * clients)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+            endpoints = await PageSession.endpoints_of(http, url)
+            hashes = [owner_session] + [uuid.uuid4().hex for _ in range(clients - 1)]
+            pages = [PageSession(http, url, h, endpoints) for h in hashes]
+            ready.set()
+            await asyncio.gather(*(session(p, i) for i, p in enumerate(pages)))
+
+    asyncio.run(main())
+    results.put({"latencies": latencies, "errors": errors, "refused": refused[0]})
+
+
 def run_load_test(
     clients: int = 10, seconds: float = 30.0, poll_s: float = 0.75, knob_every: int = 3, warmup_s: float = 10.0,
     prior_factory: Any = None, run: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+    clients_in_process: bool = False,
 ) -> dict[str, Any]:
     """The measurement; ``prior_factory``, ``run`` and ``overrides`` let a test use a tiny prior."""
     from gradio_client import Client
@@ -71,55 +179,31 @@ def run_load_test(
         time.sleep(warmup_s)
         alone = _rate(job.trainer, seconds)
 
-        latencies: dict[str, list[float]] = {"poll": [], "set_cfg": [], "set_scene_lr": []}
-        errors: list[str] = []
-        refused = [0]
-        lock = threading.Lock()
-        stop = threading.Event()
-        watchers = [Client(url, verbose=False) for _ in range(clients - 1)]
-        sessions += watchers
-
-        def session(c: Any, index: int) -> None:
-            i = 0
-            while not stop.is_set():
-                i += 1
-                calls = [("poll", ())]
-                if i % knob_every == 0:
-                    k = i // knob_every
-                    calls.append(("set_cfg", (50.0 + (k % 7) * 10,)) if k % 2 else
-                                 ("set_scene_lr", (1.0 - 0.1 * (k % 4 == 0),)))
-                for name, args in calls:
-                    t0 = time.perf_counter()
-                    try:
-                        out = c.predict(*args, api_name=f"/{name}")
-                    except Exception as err:  # noqa: BLE001 - every failure is a finding of the load test
-                        with lock:
-                            errors.append(f"{name}: {type(err).__name__}: {err}")
-                        continue
-                    dt = time.perf_counter() - t0
-                    with lock:
-                        latencies[name].append(dt)
-                        if name != "poll" and "another session" in str(out):
-                            refused[0] += 1
-                        elif name != "poll" and index == 0 and "set to" not in str(out):
-                            errors.append(f"{name}: unexpected answer {out!r}")
-                stop.wait(poll_s)
-
-        threads = [threading.Thread(target=session, args=(c, i), daemon=True)
-                   for i, c in enumerate([owner, *watchers])]
         changes_before = len(job.trainer.knob_changes)
-        for t in threads:
-            t.start()
-        time.sleep(2.0)  # every session has connected
+        if clients_in_process:  # the clients share the server's process (and its GIL)
+            stop, ready, results = threading.Event(), threading.Event(), queue.Queue()
+            args = (url, owner.session_hash, clients, poll_s, knob_every, stop, ready, results)
+            worker: Any = threading.Thread(target=client_sessions, args=args, daemon=True)
+        else:  # like real browsers: the clients run elsewhere (here: another process on the same cores)
+            ctx = multiprocessing.get_context("spawn")
+            stop, ready, results = ctx.Event(), ctx.Event(), ctx.Queue()
+            args = (url, owner.session_hash, clients, poll_s, knob_every, stop, ready, results)
+            worker = ctx.Process(target=client_sessions, args=args, daemon=True)
+        worker.start()
+        if not ready.wait(120):
+            raise RuntimeError("the client sessions did not connect")
+        time.sleep(2.0)  # every session has polled once
         loaded = _rate(job.trainer, seconds)
         stop.set()
-        for t in threads:
-            t.join(30)
+        outcome = results.get(timeout=120)
+        worker.join(30)
+        latencies, errors, refused = outcome["latencies"], outcome["errors"], [outcome["refused"]]
         every = [x for v in latencies.values() for x in v]
         report = {
             "clients": clients,
             "seconds": seconds,
             "poll_s": poll_s,
+            "clients_run_in": "the server's process" if clients_in_process else "a separate process",
             "requests": len(every),
             "errors": len(errors),
             "error_samples": errors[:5],
@@ -153,9 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--seconds", type=float, default=30.0, help="length of each measurement window")
     p.add_argument("--poll", type=float, default=0.75, help="seconds between a session's polls (the page: 0.75)")
+    p.add_argument("--clients-in-process", action="store_true",
+                   help="run the client threads inside the server's process (they then compete for its GIL)")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)
-    report = run_load_test(clients=args.clients, seconds=args.seconds, poll_s=args.poll)
+    report = run_load_test(clients=args.clients, seconds=args.seconds, poll_s=args.poll,
+                           clients_in_process=args.clients_in_process)
     print_and_save_json(report, args.out)
     return 0
 

@@ -55,6 +55,7 @@ CSS = """
 #notice p, #status p { margin: 0.2em 0; }
 #notice { min-height: 1.6em; }
 .lods-plots .block { min-width: 260px; }
+#renders img { image-rendering: pixelated; width: 100%; height: auto; }
 """
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]#|~$])")
 COMPARE_PRESET_LABELS = {
@@ -173,6 +174,8 @@ class Studio:
         self.manager = manager
         self.settings = settings
         self._seen: dict[str, float] = {}  # session -> time of its latest request (time.monotonic)
+        self._drawn: tuple[Any, Any] = (None, None)  # (snapshot key, (renders, plots)): shared by every session
+        self._drawn_lock = threading.Lock()
 
     def _session(self, request: gr.Request | None) -> str:
         session = session_of(request)
@@ -356,25 +359,23 @@ class Studio:
             return notice("No comparison is running.")
         return self._toggle_pause(job, request)[0]
 
-    def compare_poll(self, view: dict | None, request: gr.Request = None) -> tuple:
-        """status, gallery, table, files, view state of the Compare tab; unchanged parts skipped."""
-        view = dict(view or {})
-        me = self._session(request)
+    def _compare_keys(self, me: str) -> tuple[Any, dict[str, Any]]:
+        """The comparison job (or None) and what the Compare tab shows of it, as comparable keys."""
         job = self.manager.current()
         if job is not None and not job.is_comparison:
             job = None
+        steps = tuple(t.step for t in job.comparison.trainers) if job is not None and job.comparison else ()
+        return job, {"status": status_text(job, me) if job is not None else
+                     "**No comparison yet.** Pick a preset or your own runs and press **Start comparison**.",
+                     "steps": (job.id if job else None, steps, job.state if job else None,
+                               len(job.files) if job else 0)}
+
+    def compare_draw(self, request: gr.Request = None) -> tuple:
+        """gallery, table, files of the Compare tab (run when its key changes)."""
+        job, _ = self._compare_keys(self._session(request))
         comparison = job.comparison if job is not None else None
-        steps = tuple(t.step for t in comparison.trainers) if comparison is not None else ()
-        keys = {"status": status_text(job, me) if job is not None else
-                "**No comparison yet.** Pick a preset or your own runs and press **Start comparison**.",
-                "steps": (job.id if job else None, steps, job.state if job else None, len(job.files) if job else 0)}
-        changed = {k for k, v in keys.items() if view.get(k) != v}
-        view.update(keys)
-        if not changed:
-            return (gr.skip(),) * 4 + (view,)
-        status = keys["status"] if "status" in changed else gr.skip()
         if comparison is None:
-            return status, None, None, None, view
+            return None, None, None
         gallery, rows = [], []
         for config, trainer, row in zip(job.compare_configs, comparison.trainers, comparison.rows()):
             snap = trainer.latest()
@@ -391,7 +392,18 @@ class Studio:
             rows.append([row["label"], row["step"], f"{row['it_per_s']:.2f}", num(row["saturation"]),
                          num(row["clipped"]), num(row["floater_score"]), num(row["embedding_distance"]), judged])
         files = [str(p) for p in job.files] or None
-        return status, gallery or None, {"headers": COMPARE_COLUMNS, "data": rows}, files, view
+        return gallery or None, {"headers": COMPARE_COLUMNS, "data": rows}, files
+
+    def compare_poll(self, view: dict | None, request: gr.Request = None) -> tuple:
+        """status, gallery, table, files, view state of the Compare tab; unchanged parts skipped (the API's)."""
+        view = dict(view or {})
+        _, keys = self._compare_keys(self._session(request))
+        changed = {k for k, v in keys.items() if view.get(k) != v}
+        view.update(keys)
+        if not changed:
+            return (gr.skip(),) * 4 + (view,)
+        status = keys["status"] if "status" in changed else gr.skip()
+        return (status, *self.compare_draw(request), view)
 
     # ------------------------------------------------------------------ polling
 
@@ -400,10 +412,9 @@ class Studio:
         plots = [placeholder_frame(spec) for spec in PLOTS]
         return (status_text(None, ""), None, None, *plots, None, gr.update(value="Pause"))
 
-    def poll(self, view: dict | None, request: gr.Request = None) -> tuple:
-        """status, renders, 3D result, the plots, files, pause label, view state; unchanged parts skipped."""
-        view = dict(view or {})
-        me = self._session(request)
+    def _keys(self, view: dict, me: str) -> tuple[Any, Any, Any, dict[str, Any]]:
+        """The job this session sees, its latest snapshot, the finished run it keeps, and comparable keys of
+        what the page shows: ``status``, ``snap`` (renders and plots) and ``phase`` (files, 3D, Pause label)."""
         job = self.manager.current()
         if job is not None and job.id <= view.get("dismissed", 0):
             job = None
@@ -411,31 +422,79 @@ class Studio:
         if kept is not None and job is not None and job.owner == me:
             kept = None
         keys: dict[str, Any] = {"status": status_text(job, me) + queue_text(self.manager, me)}
+        snap = job.snapshot() if job is not None else None
         if job is None:
             keys.update(snap=None, phase=None)
-            values = self._cleared()
         else:
-            snap = job.snapshot()
             keys["snap"] = (job.id, snap.step, len(snap.knob_changes), snap.status) if snap is not None else job.id
             keys["phase"] = (job.id, job.state, len(job.files), kept.id if kept else None)
-            values = None
+        return job, snap, kept, keys
+
+    def _draw(self, key: Any, snap: Any) -> tuple[Any, list[Any]]:
+        """The preview image and the plot frames of a snapshot, made once however many sessions watch it.
+
+        The previews go out at their own resolution (the page enlarges them without smoothing), so
+        that every update carries a small PNG."""
+        with self._drawn_lock:
+            if self._drawn[0] != key:
+                self._drawn = (key, (preview_grid(snap.previews, min_side=64),
+                                     [metric_frame(snap.history, snap.knob_changes, spec) for spec in PLOTS]))
+            return self._drawn[1]
+
+    def draw(self, view: dict | None, request: gr.Request = None) -> tuple:
+        """renders and plots of the latest snapshot (run when the snapshot key changes)."""
+        _, snap, _, keys = self._keys(dict(view or {}), self._session(request))
+        if snap is None:
+            return (None, *[placeholder_frame(spec) for spec in PLOTS])
+        renders, plots = self._draw(keys["snap"], snap)
+        return (renders, *plots)
+
+    def draw_phase(self, view: dict | None, request: gr.Request = None) -> tuple:
+        """3D result, files, Pause label (run when the job's phase changes)."""
+        job, _, kept, _ = self._keys(dict(view or {}), self._session(request))
+        if job is None:
+            return None, None, gr.update(value="Pause")
+        paths = [str(p) for p in (kept.files if kept is not None else job.files)]  # your last run's files
+        model = next((p for p in paths if p.endswith((".ply", ".glb"))), None)
+        return model, paths or None, gr.update(value="Resume" if job.state == "paused" else "Pause")
+
+    def watch(self, view: dict | None, compare_view: dict | None, request: gr.Request = None) -> tuple:
+        """The page's timer: both tabs' status lines and the keys of what changed, nothing heavy.
+
+        Returns status, snap key, phase key, compare status, compare key, view, compare view. The keys are
+        ``gr.State`` values: when one changes, its ``.change`` event draws that part (renders and plots,
+        files, the Compare tab's gallery) once per change instead of on every tick, so a tick that finds
+        nothing new costs a few string comparisons."""
+        me = self._session(request)
+        view, compare_view = dict(view or {}), dict(compare_view or {})
+        _, _, _, keys = self._keys(view, me)
+        _, c_keys = self._compare_keys(me)
+        status = keys["status"] if view.get("status") != keys["status"] else gr.skip()
+        c_status = c_keys["status"] if compare_view.get("status") != c_keys["status"] else gr.skip()
+        view.update(keys)
+        compare_view.update(c_keys)
+        return status, keys["snap"], keys["phase"], c_status, c_keys["steps"], view, compare_view
+
+    def poll(self, view: dict | None, request: gr.Request = None) -> tuple:
+        """status, renders, 3D result, the plots, files, pause label, view state; unchanged parts skipped.
+
+        Everything at once, for the page's first load and for API clients; the page's timer uses
+        :meth:`watch` and the draw methods."""
+        view = dict(view or {})
+        job, snap, _, keys = self._keys(view, self._session(request))
         changed = {k for k, v in keys.items() if view.get(k) != v}
         view.update(keys)
         if not changed:
             return (*[gr.skip()] * (5 + len(PLOTS)), view)
-        if values is not None:
-            return (*values, view)
+        if job is None:
+            return (*self._cleared(), view)
         status = keys["status"] if "status" in changed else gr.skip()
         renders, plots = gr.skip(), [gr.skip()] * len(PLOTS)
         if "snap" in changed and snap is not None:
-            renders = preview_grid(snap.previews)
-            plots = [metric_frame(snap.history, snap.knob_changes, spec) for spec in PLOTS]
-        files, model, pause = gr.skip(), gr.skip(), gr.skip()
+            renders, plots = self._draw(keys["snap"], snap)
+        model, files, pause = gr.skip(), gr.skip(), gr.skip()
         if "phase" in changed:
-            paths = [str(p) for p in (kept.files if kept is not None else job.files)]  # your last run's files
-            files = paths or None
-            model = next((p for p in paths if p.endswith((".ply", ".glb"))), None)
-            pause = gr.update(value="Resume" if job.state == "paused" else "Pause")
+            model, files, pause = self.draw_phase(view, request)
         return (status, renders, model, *plots, files, pause, view)
 
 
@@ -565,17 +624,25 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
         gr.on([method.change, prior.change], studio.method_changed, [method, prior], learned_lr,
               api_visibility="private", **quick)
         backbone.change(studio.backbone_changed, backbone, steps, api_visibility="private", **quick)
-        timer = gr.Timer(settings.poll_seconds)
-        timer.tick(studio.poll, view, polled, api_name="poll", trigger_mode="always_last", **quick)
-        demo.load(studio.poll, view, polled, api_visibility="private", **quick)
         c_preset.change(studio.compare_preset, c_preset, slot_inputs, api_visibility="private", **quick)
         c_start.click(studio.compare_start, [c_prompt, c_prior, c_backbone, c_steps, c_seed, *slot_inputs], c_note,
                       api_name="compare_start")
         c_pause.click(studio.compare_pause, None, c_note, api_name="compare_pause", **quick)
         c_stop.click(studio.stop, None, c_note, api_name="compare_stop", **quick)
         compare_polled = [c_status, c_gallery, c_table, c_files, compare_view]
-        timer.tick(studio.compare_poll, compare_view, compare_polled, api_name="compare_poll",
+        # The timer only compares keys; each part of the page is drawn when its key (a gr.State) changes.
+        snap_key, phase_key, compare_key = gr.State(None), gr.State(None), gr.State(None)
+        timer = gr.Timer(settings.poll_seconds)
+        timer.tick(studio.watch, [view, compare_view],
+                   [status, snap_key, phase_key, c_status, compare_key, view, compare_view], api_name="watch",
                    trigger_mode="always_last", **quick)
+        snap_key.change(studio.draw, view, [renders, *plots], api_name="draw", trigger_mode="always_last", **quick)
+        phase_key.change(studio.draw_phase, view, [model3d, files, pause_btn], api_name="draw_phase", **quick)
+        compare_key.change(studio.compare_draw, None, [c_gallery, c_table, c_files], api_name="compare_draw",
+                           trigger_mode="always_last", **quick)
+        # The first load (and API clients) get everything at once.
+        demo.load(studio.poll, view, polled, api_name="poll", **quick)
+        demo.load(studio.compare_poll, compare_view, compare_polled, api_name="compare_poll", **quick)
         if on_load_js:
             demo.load(None, js=on_load_js)
         demo.unload(studio.release)

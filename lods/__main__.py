@@ -108,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--work", default=".cache/toy-train")
     tt.add_argument("--out", default=None, help="pipeline folder (default: the package's shipped weights)")
     tt.add_argument("--vae-minutes", type=float, default=12.0)
+    tt.add_argument("--decoder-minutes", type=float, default=0.0,
+                    help="then train the decoder alone on the frozen encoder's latents, two-object scenes oversampled")
     tt.add_argument("--unet-minutes", type=float, default=90.0)
+    tt.add_argument("--unet-multi-fraction", type=float, default=0.0,
+                    help="share of two-object scenes in each UNet batch (0: as they come)")
     tt.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ts = tsub.add_parser("sample", help="DDIM samples of a prompt")
     ts.add_argument("--prompt", required=True)
@@ -125,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     tj.add_argument("--lr", type=float, default=2e-3)
     tj.add_argument("--work-dir", default=None, help="checkpoint and fresh renders here; a rerun resumes")
     tj.add_argument("--judge-out", default=None, help="where --train writes the judge (default: the shipped file)")
+    tj.add_argument("--prior-dir", default=None, help="sample from this pipeline folder (default: the shipped prior)")
     tj.add_argument("--samples-per-caption", type=int, default=2)
     tj.add_argument("--captions-per-category", type=int, default=48)
     tj.add_argument("--cfg", type=float, default=5.0)

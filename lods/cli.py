@@ -54,7 +54,9 @@ def _toy_prior(args: argparse.Namespace) -> int:
             work=args.work,
             out=args.out or str(WEIGHTS_DIR),
             vae_minutes=args.vae_minutes,
+            decoder_minutes=args.decoder_minutes,
             unet_minutes=args.unet_minutes,
+            unet_multi_fraction=args.unet_multi_fraction,
             threads=args.threads,
         )
         if not list(Path(cfg.cache).glob("chunk_*.pt")):
@@ -98,7 +100,7 @@ def _judge(args: argparse.Namespace) -> int:
     test_dir = Path(args.cache).parent / "judge-test"
     report: dict = {"renders": J.evaluate_on_renders(judge, load_cache(render_cache(test_dir, 1024, seed=7)))}
     print("judge accuracy on held-out renders:", json.dumps(report["renders"]))
-    pipe = load_pipeline()
+    pipe = load_pipeline(args.prior_dir) if args.prior_dir else load_pipeline()
     rng = random.Random(0)
     groups = {
         "single": all_captions("single", held_out=False),

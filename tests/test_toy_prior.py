@@ -76,3 +76,28 @@ def test_sample_cli_writes_files(tmp_path):
     assert code == 0
     assert (tmp_path / "sample_00.png").exists() and (tmp_path / "sample_01.png").exists()
     assert (tmp_path / "grid.png").exists()
+
+
+@pytest.mark.slow
+def test_prior_training_runs_every_stage_resumes_and_exports(tmp_path):
+    from lods.priors.toy.data import render_cache
+    from lods.priors.toy.train import ToyTrainConfig, train
+
+    render_cache(tmp_path / "world", n=300, chunk=300, seed=3)
+    cfg = ToyTrainConfig(cache=str(tmp_path / "world"), work=str(tmp_path / "work"), out=str(tmp_path / "out"),
+                         vae_minutes=0.03, vae_batch=4, decoder_minutes=0.03, decoder_batch=4, unet_minutes=0.03,
+                         unet_batch=4, unet_multi_fraction=0.5, checkpoint_every_s=0.0)
+    out = train(cfg)
+    work = tmp_path / "work"
+    first = {name: torch.load(work / f"{name}.pt")["elapsed"] for name in ("vae", "decoder", "unet")}
+    assert all(v >= 0.03 * 60 for v in first.values())
+    pipe = load_pipeline(out)
+    assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels
+    # A rerun with the same budgets finds every stage done; a longer one continues each from its checkpoint.
+    train(cfg)
+    assert {name: torch.load(work / f"{name}.pt")["elapsed"] for name in first} == first
+    steps = torch.load(work / "unet.pt")["step"]
+    train(ToyTrainConfig(**{**cfg.__dict__, "vae_minutes": 0.05, "decoder_minutes": 0.05, "unet_minutes": 0.05}))
+    for name, before in first.items():
+        assert torch.load(work / f"{name}.pt")["elapsed"] >= max(before, 0.05 * 60), name
+    assert torch.load(work / "unet.pt")["step"] > steps

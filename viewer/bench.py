@@ -28,11 +28,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _trainer(prior: Any, steps: int, seed: int = 0):
+def _trainer(prior: Any, steps: int, seed: int = 0, method: str = "lods-embed"):
     from lods.runs import TOY_MAX_GAUSSIANS
     from lods.trainer import RunConfig, Trainer
 
-    config = RunConfig(prompt="a red cube", backbone="gs", method="lods-embed", steps=steps, seed=seed, batch=2,
+    config = RunConfig(prompt="a red cube", backbone="gs", method=method, steps=steps, seed=seed, batch=2,
                        gaussians={"max_points": TOY_MAX_GAUSSIANS})
     return Trainer(config, prior=prior)
 
@@ -50,7 +50,7 @@ def _timed_run(trainer: Any, skip: int) -> float:
 
 
 def run_viewer_bench(steps: int = 300, frame_bytes: int = 20_000, max_updates_per_s: float = 10.0,
-                     prior: Any = None, client: str = "chromium") -> dict[str, Any]:
+                     prior: Any = None, client: str = "chromium", method: str = "lods-embed") -> dict[str, Any]:
     import torch
 
     from app.viewer_link import splat_feed
@@ -59,12 +59,12 @@ def run_viewer_bench(steps: int = 300, frame_bytes: int = 20_000, max_updates_pe
 
     prior = prior or load_prior("toy", torch.device("cpu"))
     skip = min(20, steps // 5)
-    alone = _timed_run(_trainer(prior, steps), skip)
+    alone = _timed_run(_trainer(prior, steps, method=method), skip)
 
     server = ViewerServer(port=_free_port(), max_updates_per_s=max_updates_per_s)
     frames: list[tuple[float, int]] = []
     result: dict[str, float] = {}
-    trainer = _trainer(prior, steps)
+    trainer = _trainer(prior, steps, method=method)
     trainer.step_listeners.append(splat_feed(server))
     worker = threading.Thread(target=lambda: result.update(rate=_timed_run(trainer, skip)))
     try:
@@ -123,6 +123,7 @@ def run_viewer_bench(steps: int = 300, frame_bytes: int = 20_000, max_updates_pe
     with_viewer = result["rate"]
     return {
         "client": client,
+        "method": method,
         "steps": steps,
         "splats": int(trainer.scene.means.shape[0]),
         "it_per_s_alone": alone,
@@ -146,11 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frame-bytes", type=int, default=20_000)
     p.add_argument("--client", choices=["chromium", "websocket"], default="chromium",
                    help="a headless browser rendering the splats (default), or a bare WebSocket client")
+    p.add_argument("--method", default="lods-embed", help="the estimator of the Gaussian-splat run")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)
     if args.client == "chromium" and not Path(CHROMIUM).exists():
         raise SystemExit(f"needs Chromium at {CHROMIUM} (apt-get install -y chromium)")
-    report = run_viewer_bench(args.steps, args.frame_bytes, args.max_updates, client=args.client)
+    report = run_viewer_bench(args.steps, args.frame_bytes, args.max_updates, client=args.client,
+                              method=args.method)
     print_and_save_json(report, args.out)
     return 0
 

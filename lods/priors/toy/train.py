@@ -37,9 +37,14 @@ class ToyTrainConfig:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_object_weight: float = 8.0
+    decoder_minutes: float = 0.0
+    decoder_batch: int = 32
+    decoder_lr: float = 3e-4
+    decoder_multi_fraction: float = 0.5
     unet_minutes: float = 90.0
     unet_batch: int = 32
     unet_lr: float = 4e-4
+    unet_multi_fraction: float = 0.0  # share of two-object scenes per batch; 0: as they come in the cache
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     checkpoint_every_s: float = 120.0
@@ -180,6 +185,66 @@ def encode_cache(vae: AutoencoderKL, data: dict, path: Path) -> dict:
     return out
 
 
+def finetune_decoder(cfg: ToyTrainConfig, vae: AutoencoderKL, data: dict, latents: dict) -> AutoencoderKL:
+    """Stage 1b: train the decoder alone on the frozen encoder's cached latents; resumes from ``work/decoder.pt``.
+
+    The encoder, hence the latent space the UNet learns, does not change, so this stage can run before or
+    after the UNet. Two-object scenes (small objects, the hard case) make up ``decoder_multi_fraction`` of
+    each batch, and the latents get a little noise so that the decoder tolerates the UNet's imprecision.
+    """
+    if cfg.decoder_minutes <= 0:
+        return vae
+    work = Path(cfg.work)
+    ckpt_path = work / "decoder.pt"
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+    elapsed = 0.0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path)
+        vae.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        elapsed = ck["elapsed"]
+    budget = cfg.decoder_minutes * 60
+    n_test = 256  # the VAE's held-out renders stay held out
+    multi = torch.tensor([c.count(" and ") == 1 for c in data["captions"]])
+    idx_all = torch.arange(n_test, len(multi))
+    idx_multi = idx_all[multi[n_test:]]
+    gen = torch.Generator().manual_seed(cfg.seed + 7 + int(elapsed))
+    bar = tqdm(total=int(budget), initial=int(min(elapsed, budget)), desc="decoder", unit="s")
+    last_ck = time.time()
+    vae.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    while elapsed < budget:
+        t0 = time.time()
+        for g in opt.param_groups:
+            g["lr"] = cfg.decoder_lr * max(0.1, 1 - elapsed / budget)
+        n_multi = round(cfg.decoder_batch * cfg.decoder_multi_fraction)
+        idx = torch.cat([
+            idx_multi[torch.randint(len(idx_multi), (n_multi,), generator=gen)],
+            idx_all[torch.randint(len(idx_all), (cfg.decoder_batch - n_multi,), generator=gen)],
+        ])
+        z = latents["mean"][idx]
+        z = z + 0.05 * z.std() * torch.randn(z.shape, generator=gen)
+        x = _images(data["rgb"][idx])
+        rec = vae.decode(z).sample
+        loss = reconstruction_loss(rec, x, cfg.vae_object_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        elapsed += time.time() - t0
+        bar.update(int(elapsed) - bar.n)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if time.time() - last_ck > cfg.checkpoint_every_s or elapsed >= budget:
+            _save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "elapsed": elapsed}, ckpt_path)
+            last_ck = time.time()
+    bar.close()
+    vae.requires_grad_(True)
+    vae.eval()
+    print(f"decoder: fine-tuned for {elapsed / 60:.1f} min")
+    return vae
+
+
 def train_unet(cfg: ToyTrainConfig, data: dict, latents: dict) -> tuple[UNet2DConditionModel, torch.nn.Module]:
     """Stage 2: epsilon-prediction loss, caption dropout, EMA; resumes from ``work/unet.pt``."""
     work = Path(cfg.work)
@@ -204,6 +269,7 @@ def train_unet(cfg: ToyTrainConfig, data: dict, latents: dict) -> tuple[UNet2DCo
         step, elapsed = ck["step"], ck["elapsed"]
     keep = (~data["held_out"]).nonzero().squeeze(1)
     captions = data["captions"]
+    keep_multi = keep[torch.tensor([captions[i].count(" and ") == 1 for i in keep.tolist()], dtype=torch.bool)]
     ids = tokenizer(
         captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
     ).input_ids
@@ -222,7 +288,12 @@ def train_unet(cfg: ToyTrainConfig, data: dict, latents: dict) -> tuple[UNet2DCo
                 * warm
                 * (0.5 * (1 + torch.cos(torch.tensor(torch.pi * elapsed / budget)).item()) * 0.9 + 0.1)
             )
-        idx = keep[torch.randint(len(keep), (cfg.unet_batch,), generator=gen)]
+        if len(keep_multi) and cfg.unet_multi_fraction > 0:
+            n_multi = round(cfg.unet_batch * cfg.unet_multi_fraction)
+            idx = torch.cat([keep_multi[torch.randint(len(keep_multi), (n_multi,), generator=gen)],
+                             keep[torch.randint(len(keep), (cfg.unet_batch - n_multi,), generator=gen)]])
+        else:
+            idx = keep[torch.randint(len(keep), (cfg.unet_batch,), generator=gen)]
         z0 = latents["mean"][idx] * scaling  # the posterior mean, which the prior's encode_images also uses
         batch_ids = ids[idx].clone()
         drop = torch.rand(len(idx), generator=gen) < cfg.caption_dropout
@@ -286,7 +357,7 @@ def export_pipeline(
 
 
 def train(cfg: ToyTrainConfig) -> Path:
-    """Both stages then the export; every stage resumes from ``cfg.work``."""
+    """The VAE, the decoder fine-tune (if any), the UNet, then the export; every stage resumes from ``cfg.work``."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     work = Path(cfg.work)
@@ -301,5 +372,6 @@ def train(cfg: ToyTrainConfig) -> Path:
     )
     vae = train_vae(cfg, data)
     latents = encode_cache(vae, data, work / f"latents_{len(paths)}.pt")
+    vae = finetune_decoder(cfg, vae, data, latents)
     unet, text_encoder = train_unet(cfg, data, latents)
     return export_pipeline(vae, unet, text_encoder, latents["scaling_factor"], Path(cfg.out))
