@@ -2,9 +2,10 @@
 
 Launches the app on a free loopback port, starts a Gaussian-splat run from one session, measures the
 run's iterations per second alone, then with ``--clients`` sessions (each speaking Gradio's queue
-protocol as the page's JavaScript does, all in one asyncio loop) polling like the page does (every ``--poll`` seconds) and turning knobs: the run's owner changes
-the CFG weight and the learning-rate scale, the other sessions try to (and are told they watch
-read-only). The clients run in a separate process, as browsers would on other machines
+protocol as the page's JavaScript does, all in one asyncio loop) polling like the page does (every
+``--poll`` seconds, slower where the server tells a watching page to) and turning knobs: the run's
+owner changes the CFG weight and the learning-rate scale, the other sessions try to (and are told
+they watch read-only). The clients run in a separate process, as browsers would on other machines
 (``--clients-in-process`` puts them in the server's process instead). Reports errors, response times
 (median, 95th percentile, max) per endpoint and the slowdown of training.
 A benchmark: it prints figures, it asserts nothing.
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import queue
 import re
 import socket
@@ -41,6 +43,16 @@ def _rate(trainer: Any, seconds: float) -> float:
     s0, t0 = trainer.step, time.perf_counter()
     time.sleep(seconds)
     return (trainer.step - s0) / (time.perf_counter() - t0)
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process so far (0 for none)."""
+    if pid is None:
+        return 0.0
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -89,7 +101,7 @@ class PageSession:
 
 
 def client_sessions(url: str, owner_session: str, clients: int, poll_s: float, knob_every: int, stop: Any,
-                    ready: Any, results: Any, snapshot_every: int = 10) -> None:
+                    ready: Any, results: Any, snapshot_every: int = 10, page_poll_s: float = 0.75) -> None:
     """``clients`` sessions (:class:`PageSession`, one asyncio loop) polling like the page and turning
     knobs until ``stop``.
 
@@ -97,7 +109,9 @@ def client_sessions(url: str, owner_session: str, clients: int, poll_s: float, k
     (``/watch``) and fetches the renders and plots (``/draw``) when a new snapshot is out (every
     ``snapshot_every`` steps of the status line). The first session speaks as ``owner_session`` (the
     session that started the run); the others are new sessions that watch. Runs in a thread or in
-    another process; puts ``{"latencies", "errors", "refused"}`` on ``results``.
+    another process; puts ``{"latencies", "errors", "refused"}`` on ``results``. A session follows the
+    timer interval the server gives its page (a watching session polls less often), scaled by
+    ``poll_s / page_poll_s``.
     """
     import httpx
 
@@ -106,7 +120,7 @@ def client_sessions(url: str, owner_session: str, clients: int, poll_s: float, k
     refused = [0]
 
     async def session(page: PageSession, index: int) -> None:
-        i, drawn_step = 0, -snapshot_every
+        i, drawn_step, interval = 0, -snapshot_every, poll_s
         while not stop.is_set():
             i += 1
             calls: list[tuple[str, tuple]] = [("poll", ())] if i == 1 else [("watch", ())]  # first: the page load
@@ -123,6 +137,10 @@ def client_sessions(url: str, owner_session: str, clients: int, poll_s: float, k
                     continue
                 latencies[name].append(time.perf_counter() - t0)
                 if name == "watch":
+                    # The server sets the page's timer: slower for a session that watches another's run.
+                    interval = next((o["value"] * poll_s / page_poll_s for o in out if isinstance(o, dict)
+                                     and o.get("__type__") == "update" and isinstance(o.get("value"), (int, float))),
+                                    interval)
                     found = STEP.search(str(out[0]))
                     if found and int(found.group(1)) >= drawn_step + snapshot_every:
                         drawn_step = int(found.group(1))
@@ -132,7 +150,7 @@ def client_sessions(url: str, owner_session: str, clients: int, poll_s: float, k
                         refused[0] += 1
                     elif index == 0 and "set to" not in str(out[0]):
                         errors.append(f"{name}: unexpected answer {out[0]!r}")
-            await asyncio.sleep(poll_s)
+            await asyncio.sleep(interval)
 
     async def main() -> None:
         limits = httpx.Limits(max_connections=4 * clients)
@@ -159,7 +177,8 @@ def run_load_test(
     from app.ui import AppSettings, build_demo
 
     manager = JobManager(prior_factory=prior_factory) if prior_factory else JobManager()
-    demo = build_demo(manager, AppSettings(run_overrides=overrides or {}))
+    settings = AppSettings(run_overrides=overrides or {})
+    demo = build_demo(manager, settings)
     port = _free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
     url = f"http://127.0.0.1:{port}/"
@@ -182,18 +201,21 @@ def run_load_test(
         changes_before = len(job.trainer.knob_changes)
         if clients_in_process:  # the clients share the server's process (and its GIL)
             stop, ready, results = threading.Event(), threading.Event(), queue.Queue()
-            args = (url, owner.session_hash, clients, poll_s, knob_every, stop, ready, results)
-            worker: Any = threading.Thread(target=client_sessions, args=args, daemon=True)
         else:  # like real browsers: the clients run elsewhere (here: another process on the same cores)
             ctx = multiprocessing.get_context("spawn")
             stop, ready, results = ctx.Event(), ctx.Event(), ctx.Queue()
-            args = (url, owner.session_hash, clients, poll_s, knob_every, stop, ready, results)
-            worker = ctx.Process(target=client_sessions, args=args, daemon=True)
+        args = (url, owner.session_hash, clients, poll_s, knob_every, stop, ready, results, 10,
+                settings.poll_seconds)
+        worker: Any = (threading.Thread(target=client_sessions, args=args, daemon=True) if clients_in_process
+                       else ctx.Process(target=client_sessions, args=args, daemon=True))
         worker.start()
         if not ready.wait(120):
             raise RuntimeError("the client sessions did not connect")
         time.sleep(2.0)  # every session has polled once
+        server_cpu, client_cpu = _cpu_seconds(os.getpid()), _cpu_seconds(getattr(worker, "pid", None))
         loaded = _rate(job.trainer, seconds)
+        server_cpu = (_cpu_seconds(os.getpid()) - server_cpu) / seconds
+        client_cpu = (_cpu_seconds(getattr(worker, "pid", None)) - client_cpu) / seconds
         stop.set()
         outcome = results.get(timeout=120)
         worker.join(30)
@@ -215,6 +237,8 @@ def run_load_test(
                 for name, v in latencies.items()
             },
             "p95_ms_all": 1000 * _percentile(every, 0.95),
+            "cores_used_by_app": server_cpu,  # training + server (+ the clients when in-process)
+            "cores_used_by_clients": client_cpu,
             "it_per_s_alone": alone,
             "it_per_s_loaded": loaded,
             "slowdown": 1 - loaded / alone if alone > 0 else float("nan"),

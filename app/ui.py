@@ -9,6 +9,7 @@ one-line notice under the buttons.
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 import re
@@ -77,6 +78,7 @@ class AppSettings:
     run_overrides: dict[str, Any] = field(default_factory=dict)  # merged into every RunConfig
     max_steps: int = 20_000
     poll_seconds: float = 0.75
+    watch_poll_seconds: float = 2.0  # the timer of a session watching another session's active run
     unload_grace_s: float = 5.0  # a closed heartbeat stops the tab's run unless the tab polls again within this
     viewer_html: str = ""  # the live 3D panel (app/viewer_link.py); empty: no live viewer
 
@@ -165,6 +167,18 @@ def status_text(job: Job | None, viewer: str) -> str:
     if job.owner != viewer:
         detail += " · *started in another session: you are watching it read-only*"
     return f"{head}  \n{detail}"
+
+
+def on_event_loop(fn: Any) -> Any:
+    """``fn`` as a coroutine function, so that Gradio calls it on its event loop instead of handing it to
+    a worker thread: for the quick, non-blocking callbacks (the timer, the knobs), one thread hop and its
+    interpreter-lock handoffs fewer per request, which the training thread feels."""
+
+    @functools.wraps(fn)
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return run
 
 
 class Studio:
@@ -461,19 +475,25 @@ class Studio:
     def watch(self, view: dict | None, compare_view: dict | None, request: gr.Request = None) -> tuple:
         """The page's timer: both tabs' status lines and the keys of what changed, nothing heavy.
 
-        Returns status, snap key, phase key, compare status, compare key, view, compare view. The keys are
+        Returns status, snap key, phase key, compare status, compare key, view, compare view, and the
+        timer's interval when it changes: a session watching another session's run polls every
+        ``watch_poll_seconds`` (2 s), the run's owner and an idle page every ``poll_seconds``. The keys are
         ``gr.State`` values: when one changes, its ``.change`` event draws that part (renders and plots,
         files, the Compare tab's gallery) once per change instead of on every tick, so a tick that finds
         nothing new costs a few string comparisons."""
         me = self._session(request)
         view, compare_view = dict(view or {}), dict(compare_view or {})
-        _, _, _, keys = self._keys(view, me)
+        job, _, _, keys = self._keys(view, me)
         _, c_keys = self._compare_keys(me)
         status = keys["status"] if view.get("status") != keys["status"] else gr.skip()
         c_status = c_keys["status"] if compare_view.get("status") != c_keys["status"] else gr.skip()
+        watching = job is not None and job.active and job.owner != me
+        interval = self.settings.watch_poll_seconds if watching else self.settings.poll_seconds
+        timer = gr.Timer(value=interval) if view.get("interval") != interval else gr.skip()
+        keys["interval"] = interval
         view.update(keys)
         compare_view.update(c_keys)
-        return status, keys["snap"], keys["phase"], c_status, c_keys["steps"], view, compare_view
+        return status, keys["snap"], keys["phase"], c_status, c_keys["steps"], view, compare_view, timer
 
     def poll(self, view: dict | None, request: gr.Request = None) -> tuple:
         """status, renders, 3D result, the plots, files, pause label, view state; unchanged parts skipped.
@@ -617,9 +637,9 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
         pause_btn.click(studio.toggle_pause, None, [note, pause_btn], api_name="pause", **quick)
         stop_btn.click(studio.stop, None, note, api_name="stop", **quick)
         reset_btn.click(studio.reset, view, [*setup, note, *polled], api_name="reset")
-        cfg.release(studio.set_cfg, cfg, note, api_name="set_cfg", **quick)
-        scene_lr.release(studio.set_scene_lr, scene_lr, note, api_name="set_scene_lr", **quick)
-        gr.on([learned_lr.submit, learned_lr.blur], studio.set_learned_lr, learned_lr, note,
+        cfg.release(on_event_loop(studio.set_cfg), cfg, note, api_name="set_cfg", **quick)
+        scene_lr.release(on_event_loop(studio.set_scene_lr), scene_lr, note, api_name="set_scene_lr", **quick)
+        gr.on([learned_lr.submit, learned_lr.blur], on_event_loop(studio.set_learned_lr), learned_lr, note,
               api_name="set_learned_lr", **quick)
         gr.on([method.change, prior.change], studio.method_changed, [method, prior], learned_lr,
               api_visibility="private", **quick)
@@ -633,8 +653,9 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
         # The timer only compares keys; each part of the page is drawn when its key (a gr.State) changes.
         snap_key, phase_key, compare_key = gr.State(None), gr.State(None), gr.State(None)
         timer = gr.Timer(settings.poll_seconds)
-        timer.tick(studio.watch, [view, compare_view],
-                   [status, snap_key, phase_key, c_status, compare_key, view, compare_view], api_name="watch",
+        timer.tick(on_event_loop(studio.watch), [view, compare_view],
+                   [status, snap_key, phase_key, c_status, compare_key, view, compare_view, timer],
+                   api_name="watch",
                    trigger_mode="always_last", **quick)
         snap_key.change(studio.draw, view, [renders, *plots], api_name="draw", trigger_mode="always_last", **quick)
         phase_key.change(studio.draw_phase, view, [model3d, files, pause_btn], api_name="draw_phase", **quick)
