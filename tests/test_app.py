@@ -300,6 +300,35 @@ def test_nan_and_bad_numbers_are_refused_before_the_job(manager):
     assert studio.set_cfg(math.nan).startswith("⚠️")
 
 
+def test_watch_sends_keys_and_the_timer_draw_runs_once_per_snapshot(manager):
+    import gradio as gr
+
+    studio = Studio(manager, AppSettings(run_overrides=OVERRIDES))
+    owner, watcher = types.SimpleNamespace(session_hash="owner"), types.SimpleNamespace(session_hash="watcher")
+    status, snap_key, phase_key, _, _, view, compare_view, timer = studio.watch({}, {}, request=watcher)
+    assert "Ready" in status and snap_key is None and phase_key is None
+    assert timer.value == studio.settings.poll_seconds  # an idle page polls at the page's rate
+    assert studio.watch(view, compare_view, request=watcher)[7] == gr.skip()  # unchanged: not re-sent
+    assert "Started run" in studio.start(*GOOD.values(), request=owner)
+    job = manager.current()
+    wait_for(lambda: (s := job.snapshot()) is not None and s.step >= 2)
+    out = studio.watch(view, compare_view, request=watcher)
+    assert out[7].value == studio.settings.watch_poll_seconds  # watching another session's run: slower
+    assert out[1][0] == job.id and out[2][:2] == (job.id, "running")
+    assert studio.watch({}, {}, request=owner)[7].value == studio.settings.poll_seconds  # the owner: fast
+    studio.toggle_pause(request=owner)
+    wait_for(lambda: job.state == "paused")
+    paused = studio.watch(out[5], out[6], request=watcher)
+    assert paused[2][:2] == (job.id, "paused")  # the phase key changed: files and the Pause label redraw
+    assert studio.draw_phase(paused[5], request=owner)[2]["value"] == "Resume"
+    first = studio.draw(paused[5], request=watcher)
+    again = studio.draw({}, request=owner)  # the same snapshot for another session: drawn once, shared
+    assert again[0] is first[0] and all(a is b for a, b in zip(again[1:], first[1:]))
+    assert len(first) == 1 + len(PLOTS) and first[0].shape[2] == 3
+    studio.stop(request=owner)
+    job.thread.join(30)
+
+
 def test_learned_rate_of_a_method_without_learned_parameters(manager):
     studio = Studio(manager, AppSettings(run_overrides=OVERRIDES))
     assert "Started run" in studio.start(*{**GOOD, "method": "sds"}.values())
