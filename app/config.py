@@ -21,7 +21,7 @@ from typing import Any
 
 from lods.errors import UserError
 from lods.guidance import DEFAULT_LR, METHODS
-from lods.runs import PRESETS
+from lods.runs import PRESETS, with_toy_gaussian_cap
 from lods.trainer import BACKBONES, TOY_LEARNED_LR, RunConfig, check_cfg, check_lr
 
 BUILTIN_PRIORS = ("toy", "sd21")
@@ -158,6 +158,6 @@ def build_run_config(
         learned_lr=checked_knob("learned_lr", learned_lr) if learns_parameters(method) else None,
         steps=_integer(steps, "number of steps", 1, max_steps), seed=_integer(seed, "seed", 0, MAX_SEED),
     )
-    config = RunConfig.from_dict(values)
+    config = RunConfig.from_dict(with_toy_gaussian_cap(values))
     config.validate()
     return config
