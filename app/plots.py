@@ -62,10 +62,11 @@ def knob_label(change: dict[str, Any]) -> str:
 
 
 def metric_frame(history: Sequence[dict[str, Any]], knob_changes: Sequence[dict[str, Any]], spec: PlotSpec,
-                 max_points: int = 300, max_marks: int = 12) -> pd.DataFrame:
+                 max_points: int = 120, max_marks: int = 12) -> pd.DataFrame:
     """Columns step, value, series, change for one plot.
 
-    The metric is thinned to at most ``max_points`` rows (the last one always kept). The newest
+    The metric is thinned to at most ``max_points`` rows (the last one always kept): a plot is about
+    260 px wide, and Gradio walks every value it sends to every session looking for files. The newest
     ``max_marks`` knob changes form the second series: a comb along the bottom of the metric's range
     with one tooth, spanning the whole range, at each change (its ``change`` column says what changed).
     Without changes that series is a single point, which draws nothing but keeps the series known to
