@@ -373,20 +373,26 @@ class Studio:
             return notice("No comparison is running.")
         return self._toggle_pause(job, request)[0]
 
+    def _comparison(self) -> Any:
+        """The current job if it is a comparison, else None."""
+        job = self.manager.current()
+        return job if job is not None and job.is_comparison else None
+
     def _compare_keys(self, me: str) -> tuple[Any, dict[str, Any]]:
         """The comparison job (or None) and what the Compare tab shows of it, as comparable keys."""
-        job = self.manager.current()
-        if job is not None and not job.is_comparison:
-            job = None
+        job = self._comparison()
         steps = tuple(t.step for t in job.comparison.trainers) if job is not None and job.comparison else ()
         return job, {"status": status_text(job, me) if job is not None else
                      "**No comparison yet.** Pick a preset or your own runs and press **Start comparison**.",
                      "steps": (job.id if job else None, steps, job.state if job else None,
                                len(job.files) if job else 0)}
 
-    def compare_draw(self, request: gr.Request = None) -> tuple:
+    def compare_draw(self) -> tuple:
         """gallery, table, files of the Compare tab (run when its key changes)."""
-        job, _ = self._compare_keys(self._session(request))
+        return self._compare_outputs(self._comparison())
+
+    @staticmethod
+    def _compare_outputs(job: Any) -> tuple:
         comparison = job.comparison if job is not None else None
         if comparison is None:
             return None, None, None
@@ -411,13 +417,13 @@ class Studio:
     def compare_poll(self, view: dict | None, request: gr.Request = None) -> tuple:
         """status, gallery, table, files, view state of the Compare tab; unchanged parts skipped (the API's)."""
         view = dict(view or {})
-        _, keys = self._compare_keys(self._session(request))
+        job, keys = self._compare_keys(self._session(request))
         changed = {k for k, v in keys.items() if view.get(k) != v}
         view.update(keys)
         if not changed:
             return (gr.skip(),) * 4 + (view,)
         status = keys["status"] if "status" in changed else gr.skip()
-        return (status, *self.compare_draw(request), view)
+        return (status, *self._compare_outputs(job), view)
 
     # ------------------------------------------------------------------ polling
 
@@ -426,21 +432,30 @@ class Studio:
         plots = [placeholder_frame(spec) for spec in PLOTS]
         return (status_text(None, ""), None, None, *plots, None, gr.update(value="Pause"))
 
-    def _keys(self, view: dict, me: str) -> tuple[Any, Any, Any, dict[str, Any]]:
-        """The job this session sees, its latest snapshot, the finished run it keeps, and comparable keys of
-        what the page shows: ``status``, ``snap`` (renders and plots) and ``phase`` (files, 3D, Pause label)."""
+    def _visible(self, view: dict, me: str) -> tuple[Any, Any]:
+        """The job this session sees (None once it dismissed it) and its finished run kept with its files."""
         job = self.manager.current()
         if job is not None and job.id <= view.get("dismissed", 0):
             job = None
         kept = self.manager.kept(me)
         if kept is not None and job is not None and job.owner == me:
             kept = None
+        return job, kept
+
+    @staticmethod
+    def _snap_key(job: Any, snap: Any) -> Any:
+        return (job.id, snap.step, len(snap.knob_changes), snap.status) if snap is not None else job.id
+
+    def _keys(self, view: dict, me: str) -> tuple[Any, Any, Any, dict[str, Any]]:
+        """The job this session sees, its latest snapshot, the finished run it keeps, and comparable keys of
+        what the page shows: ``status``, ``snap`` (renders and plots) and ``phase`` (files, 3D, Pause label)."""
+        job, kept = self._visible(view, me)
         keys: dict[str, Any] = {"status": status_text(job, me) + queue_text(self.manager, me)}
         snap = job.snapshot() if job is not None else None
         if job is None:
             keys.update(snap=None, phase=None)
         else:
-            keys["snap"] = (job.id, snap.step, len(snap.knob_changes), snap.status) if snap is not None else job.id
+            keys["snap"] = self._snap_key(job, snap)
             keys["phase"] = (job.id, job.state, len(job.files), kept.id if kept else None)
         return job, snap, kept, keys
 
@@ -457,15 +472,19 @@ class Studio:
 
     def draw(self, view: dict | None, request: gr.Request = None) -> tuple:
         """renders and plots of the latest snapshot (run when the snapshot key changes)."""
-        _, snap, _, keys = self._keys(dict(view or {}), self._session(request))
+        job, _ = self._visible(dict(view or {}), self._session(request))
+        snap = job.snapshot() if job is not None else None
         if snap is None:
             return (None, *[placeholder_frame(spec) for spec in PLOTS])
-        renders, plots = self._draw(keys["snap"], snap)
+        renders, plots = self._draw(self._snap_key(job, snap), snap)
         return (renders, *plots)
 
     def draw_phase(self, view: dict | None, request: gr.Request = None) -> tuple:
         """3D result, files, Pause label (run when the job's phase changes)."""
-        job, _, kept, _ = self._keys(dict(view or {}), self._session(request))
+        return self._phase_outputs(*self._visible(dict(view or {}), self._session(request)))
+
+    @staticmethod
+    def _phase_outputs(job: Any, kept: Any) -> tuple:
         if job is None:
             return None, None, gr.update(value="Pause")
         paths = [str(p) for p in (kept.files if kept is not None else job.files)]  # your last run's files
@@ -501,7 +520,7 @@ class Studio:
         Everything at once, for the page's first load and for API clients; the page's timer uses
         :meth:`watch` and the draw methods."""
         view = dict(view or {})
-        job, snap, _, keys = self._keys(view, self._session(request))
+        job, snap, kept, keys = self._keys(view, self._session(request))
         changed = {k for k, v in keys.items() if view.get(k) != v}
         view.update(keys)
         if not changed:
@@ -514,7 +533,7 @@ class Studio:
             renders, plots = self._draw(keys["snap"], snap)
         model, files, pause = gr.skip(), gr.skip(), gr.skip()
         if "phase" in changed:
-            model, files, pause = self.draw_phase(view, request)
+            model, files, pause = self._phase_outputs(job, kept)
         return (status, renders, model, *plots, files, pause, view)
 
 

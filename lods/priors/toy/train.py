@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from lods.priors.toy.data import load_cache
 from lods.priors.toy.text import MAX_LENGTH, build_text_encoder, build_tokenizer
+from lods.priors.toy.world import parse_caption
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -102,6 +103,31 @@ def _save_atomic(obj: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+def _resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> float:
+    """Load a stage's ``{"model", "opt", "elapsed"}`` checkpoint if there is one; the seconds already spent."""
+    if not path.exists():
+        return 0.0
+    ck = torch.load(path)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    return ck["elapsed"]
+
+
+def _two_object(captions: list[str]) -> torch.Tensor:
+    """Bool mask of the two-object captions."""
+    return torch.tensor([parse_caption(c).category == "multi" for c in captions], dtype=torch.bool)
+
+
+def _draw_batch(pool: torch.Tensor, multi: torch.Tensor, batch: int, multi_fraction: float,
+                gen: torch.Generator) -> torch.Tensor:
+    """``batch`` random indices of ``pool``, ``multi_fraction`` of them drawn from ``multi`` (two-object scenes)."""
+    if not len(multi) or multi_fraction <= 0:
+        return pool[torch.randint(len(pool), (batch,), generator=gen)]
+    n_multi = round(batch * multi_fraction)
+    return torch.cat([multi[torch.randint(len(multi), (n_multi,), generator=gen)],
+                      pool[torch.randint(len(pool), (batch - n_multi,), generator=gen)]])
+
+
 def _images(rgb_u8: torch.Tensor) -> torch.Tensor:
     return rgb_u8.float() / 127.5 - 1.0
 
@@ -125,12 +151,7 @@ def train_vae(cfg: ToyTrainConfig, data: dict) -> AutoencoderKL:
     torch.manual_seed(cfg.seed)
     vae = build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    elapsed = 0.0
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path)
-        vae.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        elapsed = ck["elapsed"]
+    elapsed = _resume(ckpt_path, vae, opt)
     budget = cfg.vae_minutes * 60
     rgb = data["rgb"]
     n_test = 256
@@ -198,17 +219,11 @@ def finetune_decoder(cfg: ToyTrainConfig, vae: AutoencoderKL, data: dict, latent
     ckpt_path = work / "decoder.pt"
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
-    elapsed = 0.0
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path)
-        vae.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        elapsed = ck["elapsed"]
+    elapsed = _resume(ckpt_path, vae, opt)
     budget = cfg.decoder_minutes * 60
     n_test = 256  # the VAE's held-out renders stay held out
-    multi = torch.tensor([c.count(" and ") == 1 for c in data["captions"]])
-    idx_all = torch.arange(n_test, len(multi))
-    idx_multi = idx_all[multi[n_test:]]
+    idx_all = torch.arange(n_test, len(data["captions"]))
+    idx_multi = idx_all[_two_object(data["captions"][n_test:])]
     gen = torch.Generator().manual_seed(cfg.seed + 7 + int(elapsed))
     bar = tqdm(total=int(budget), initial=int(min(elapsed, budget)), desc="decoder", unit="s")
     last_ck = time.time()
@@ -219,11 +234,7 @@ def finetune_decoder(cfg: ToyTrainConfig, vae: AutoencoderKL, data: dict, latent
         t0 = time.time()
         for g in opt.param_groups:
             g["lr"] = cfg.decoder_lr * max(0.1, 1 - elapsed / budget)
-        n_multi = round(cfg.decoder_batch * cfg.decoder_multi_fraction)
-        idx = torch.cat([
-            idx_multi[torch.randint(len(idx_multi), (n_multi,), generator=gen)],
-            idx_all[torch.randint(len(idx_all), (cfg.decoder_batch - n_multi,), generator=gen)],
-        ])
+        idx = _draw_batch(idx_all, idx_multi, cfg.decoder_batch, cfg.decoder_multi_fraction, gen)
         z = latents["mean"][idx]
         z = z + 0.05 * z.std() * torch.randn(z.shape, generator=gen)
         x = _images(data["rgb"][idx])
@@ -269,7 +280,7 @@ def train_unet(cfg: ToyTrainConfig, data: dict, latents: dict) -> tuple[UNet2DCo
         step, elapsed = ck["step"], ck["elapsed"]
     keep = (~data["held_out"]).nonzero().squeeze(1)
     captions = data["captions"]
-    keep_multi = keep[torch.tensor([captions[i].count(" and ") == 1 for i in keep.tolist()], dtype=torch.bool)]
+    keep_multi = keep[_two_object([captions[i] for i in keep.tolist()])]
     ids = tokenizer(
         captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
     ).input_ids
@@ -288,12 +299,7 @@ def train_unet(cfg: ToyTrainConfig, data: dict, latents: dict) -> tuple[UNet2DCo
                 * warm
                 * (0.5 * (1 + torch.cos(torch.tensor(torch.pi * elapsed / budget)).item()) * 0.9 + 0.1)
             )
-        if len(keep_multi) and cfg.unet_multi_fraction > 0:
-            n_multi = round(cfg.unet_batch * cfg.unet_multi_fraction)
-            idx = torch.cat([keep_multi[torch.randint(len(keep_multi), (n_multi,), generator=gen)],
-                             keep[torch.randint(len(keep), (cfg.unet_batch - n_multi,), generator=gen)]])
-        else:
-            idx = keep[torch.randint(len(keep), (cfg.unet_batch,), generator=gen)]
+        idx = _draw_batch(keep, keep_multi, cfg.unet_batch, cfg.unet_multi_fraction, gen)
         z0 = latents["mean"][idx] * scaling  # the posterior mean, which the prior's encode_images also uses
         batch_ids = ids[idx].clone()
         drop = torch.rand(len(idx), generator=gen) < cfg.caption_dropout
