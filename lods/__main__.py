@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--unet-minutes", type=float, default=90.0)
     tt.add_argument("--unet-multi-fraction", type=float, default=0.0,
                     help="share of two-object scenes in each UNet batch (0: as they come)")
+    tt.add_argument("--unet-object-weight", type=float, default=0.0,
+                    help="extra UNet loss weight on latent pixels covered by an object (0: plain loss)")
     tt.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ts = tsub.add_parser("sample", help="DDIM samples of a prompt")
     ts.add_argument("--prompt", required=True)

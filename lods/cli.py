@@ -57,6 +57,7 @@ def _toy_prior(args: argparse.Namespace) -> int:
             decoder_minutes=args.decoder_minutes,
             unet_minutes=args.unet_minutes,
             unet_multi_fraction=args.unet_multi_fraction,
+            unet_object_weight=args.unet_object_weight,
             threads=args.threads,
         )
         if not list(Path(cfg.cache).glob("chunk_*.pt")):

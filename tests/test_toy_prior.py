@@ -79,6 +79,18 @@ def test_sample_cli_writes_files(tmp_path):
 
 
 @pytest.mark.slow
+def test_latent_object_masks_mark_the_patches_that_are_not_white():
+    from lods.priors.toy.train import latent_object_masks
+
+    rgb = torch.full((2, 3, 64, 64), 255, dtype=torch.uint8)
+    rgb[0, :, 10:14, 20:22] = torch.tensor([200, 50, 50], dtype=torch.uint8).view(3, 1, 1)
+    rgb[1, :, 40, 40] = 245  # off-white: background, not an object
+    masks = latent_object_masks(rgb, 4, chunk=1)
+    assert masks.shape == (2, 1, 16, 16)
+    assert masks[0, 0].nonzero().tolist() == [[2, 5], [3, 5]]
+    assert not masks[1].any()
+
+
 def test_prior_training_runs_every_stage_resumes_and_exports(tmp_path):
     from lods.priors.toy.data import render_cache
     from lods.priors.toy.train import ToyTrainConfig, train
@@ -86,7 +98,8 @@ def test_prior_training_runs_every_stage_resumes_and_exports(tmp_path):
     render_cache(tmp_path / "world", n=300, chunk=300, seed=3)
     cfg = ToyTrainConfig(cache=str(tmp_path / "world"), work=str(tmp_path / "work"), out=str(tmp_path / "out"),
                          vae_minutes=0.03, vae_batch=4, decoder_minutes=0.03, decoder_batch=4, unet_minutes=0.03,
-                         unet_batch=4, unet_multi_fraction=0.5, checkpoint_every_s=0.0)
+                         unet_batch=4, unet_multi_fraction=0.5, unet_object_weight=3.0,
+                         checkpoint_every_s=0.0)
     out = train(cfg)
     work = tmp_path / "work"
     first = {name: torch.load(work / f"{name}.pt")["elapsed"] for name in ("vae", "decoder", "unet")}

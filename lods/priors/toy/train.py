@@ -46,6 +46,7 @@ class ToyTrainConfig:
     unet_batch: int = 32
     unet_lr: float = 4e-4
     unet_multi_fraction: float = 0.0  # share of two-object scenes per batch; 0: as they come in the cache
+    unet_object_weight: float = 0.0  # extra loss weight on latent pixels covered by an object; 0: plain loss
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     checkpoint_every_s: float = 120.0
@@ -126,6 +127,15 @@ def _draw_batch(pool: torch.Tensor, multi: torch.Tensor, batch: int, multi_fract
     n_multi = round(batch * multi_fraction)
     return torch.cat([multi[torch.randint(len(multi), (n_multi,), generator=gen)],
                       pool[torch.randint(len(pool), (batch - n_multi,), generator=gen)]])
+
+
+def latent_object_masks(rgb_u8: torch.Tensor, factor: int, chunk: int = 4096) -> torch.Tensor:
+    """(N, 1, H/factor, W/factor) bool: latent pixels whose image patch holds anything but white background."""
+    out = []
+    for i in range(0, len(rgb_u8), chunk):
+        fg = ((rgb_u8[i : i + chunk].float() / 255 - 1).abs().amax(1, keepdim=True) > 0.1).float()
+        out.append(F.max_pool2d(fg, factor) > 0)
+    return torch.cat(out)
 
 
 def _images(rgb_u8: torch.Tensor) -> torch.Tensor:
@@ -286,6 +296,9 @@ def train_unet(cfg: ToyTrainConfig, data: dict, latents: dict) -> tuple[UNet2DCo
     ).input_ids
     null_ids = tokenizer([""], padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids
     scaling = latents["scaling_factor"]
+    masks = None
+    if cfg.unet_object_weight > 0:
+        masks = latent_object_masks(data["rgb"], data["rgb"].shape[-1] // latents["mean"].shape[-1])
     budget = cfg.unet_minutes * 60
     gen = torch.Generator().manual_seed(cfg.seed + step)
     bar = tqdm(total=int(budget), initial=int(min(elapsed, budget)), desc="unet", unit="s")
@@ -309,7 +322,12 @@ def train_unet(cfg: ToyTrainConfig, data: dict, latents: dict) -> tuple[UNet2DCo
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         emb = text_encoder(batch_ids).last_hidden_state
-        loss = F.mse_loss(unet(zt, t, emb).sample, noise)
+        err = (unet(zt, t, emb).sample - noise).square()
+        if masks is not None:  # objects are small on a white page: weight their latents up, as the VAE does
+            weight = 1 + cfg.unet_object_weight * masks[idx].float()
+            loss = (weight * err).mean() / weight.mean()
+        else:
+            loss = err.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
