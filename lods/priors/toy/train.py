@@ -133,7 +133,7 @@ def latent_object_masks(rgb_u8: torch.Tensor, factor: int, chunk: int = 4096) ->
     """(N, 1, H/factor, W/factor) bool: latent pixels whose image patch holds anything but white background."""
     out = []
     for i in range(0, len(rgb_u8), chunk):
-        fg = ((rgb_u8[i : i + chunk].float() / 255 - 1).abs().amax(1, keepdim=True) > 0.1).float()
+        fg = _not_white(_images(rgb_u8[i : i + chunk]), 0.2).float()  # 0.2 in [-1, 1]: 10% of the range
         out.append(F.max_pool2d(fg, factor) > 0)
     return torch.cat(out)
 
@@ -142,13 +142,18 @@ def _images(rgb_u8: torch.Tensor) -> torch.Tensor:
     return rgb_u8.float() / 127.5 - 1.0
 
 
+def _not_white(x: torch.Tensor, tol: float) -> torch.Tensor:
+    """(N, 1, H, W) bool: pixels of images in [-1, 1] farther than ``tol`` from white in some channel."""
+    return (x - 1).abs().amax(1, keepdim=True) > tol
+
+
 def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, object_weight: float) -> torch.Tensor:
     """L1 + L2 with object pixels weighted up, plus an L2 on 4x4-pooled images.
 
     On white-background renders most pixels are background; without the weighting a small autoencoder
     keeps shape and brightness but drops hue, which is exactly what the prior must be able to show.
     """
-    weight = 1 + object_weight * ((x - 1).abs().amax(1, keepdim=True) > 0.1).float()
+    weight = 1 + object_weight * _not_white(x, 0.1).float()
     err = (rec - x).abs() + (rec - x).square()
     low = F.mse_loss(F.avg_pool2d(rec, 4), F.avg_pool2d(x, 4))
     return (weight * err).mean() / weight.mean() + object_weight * low
