@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of two-object scenes in each UNet batch (0: as they come)")
     tt.add_argument("--unet-object-weight", type=float, default=0.0,
                     help="extra UNet loss weight on latent pixels covered by an object (0: plain loss)")
+    tt.add_argument("--unet-lr", type=float, default=4e-4, help="the UNet's peak learning rate")
+    tt.add_argument("--unet-cycle-from", type=float, default=0.0, metavar="MINUTES",
+                    help="start a new warm-up and cosine learning-rate cycle at this many minutes of UNet "
+                         "training, to continue a finished run (0: one cycle)")
     tt.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ts = tsub.add_parser("sample", help="DDIM samples of a prompt")
     ts.add_argument("--prompt", required=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 from pathlib import Path
 
@@ -58,8 +59,17 @@ def _toy_prior(args: argparse.Namespace) -> int:
             unet_minutes=args.unet_minutes,
             unet_multi_fraction=args.unet_multi_fraction,
             unet_object_weight=args.unet_object_weight,
+            unet_lr=args.unet_lr,
+            unet_cycle_from=args.unet_cycle_from,
             threads=args.threads,
         )
+        if not (math.isfinite(cfg.unet_lr) and cfg.unet_lr > 0):
+            raise UserError(f"--unet-lr must be a positive number, not {cfg.unet_lr}")
+        if not 0 <= cfg.unet_cycle_from < cfg.unet_minutes:
+            raise UserError(
+                f"--unet-cycle-from ({cfg.unet_cycle_from:g}) must be at least 0 and less than "
+                f"--unet-minutes ({cfg.unet_minutes:g})"
+            )
         if not list(Path(cfg.cache).glob("chunk_*.pt")):
             raise UserError(
                 f"no rendered chunks in {cfg.cache}; run `python -m lods toy-prior render --out {cfg.cache}`"

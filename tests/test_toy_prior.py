@@ -91,6 +91,33 @@ def test_latent_object_masks_mark_the_patches_that_are_not_white():
     assert not masks[1].any()
 
 
+def test_unet_learning_rate_warms_up_decays_and_can_start_a_new_cycle():
+    from lods.priors.toy.train import ToyTrainConfig, unet_lr_at
+
+    one = ToyTrainConfig(unet_minutes=100, unet_lr=4e-4)
+    assert unet_lr_at(one, 0, 0.0) == 0.0
+    assert unet_lr_at(one, 250, 10.0) == pytest.approx(2e-4, rel=1e-3)  # half-way through the warm-up
+    assert unet_lr_at(one, 5000, 50 * 60) == pytest.approx(4e-4 * 0.55)  # the cosine's middle
+    assert unet_lr_at(one, 9000, 100 * 60) == pytest.approx(4e-5)  # a tenth at the budget
+    # A second cycle from minute 100 to 200: the first one's curve before it, a new warm-up and cosine after.
+    two = ToyTrainConfig(unet_minutes=200, unet_lr=2e-4, unet_cycle_from=100)
+    assert unet_lr_at(two, 9000, 100 * 60) == 0.0
+    assert unet_lr_at(two, 9100, 100 * 60 + 150) == pytest.approx(1e-4, rel=1e-2)
+    assert unet_lr_at(two, 12000, 150 * 60) == pytest.approx(2e-4 * 0.55)
+    assert unet_lr_at(two, 15000, 200 * 60) == pytest.approx(2e-5)
+    assert unet_lr_at(two, 5000, 50 * 60) == pytest.approx(2e-4 * 0.55)  # the first cycle ends at minute 100
+    lrs = [unet_lr_at(two, 9000 + s, 100 * 60 + 300 + s) for s in range(0, 5700, 100)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_train_cli_rejects_a_bad_learning_rate_or_cycle(tmp_path, capsys):
+    assert main(["toy-prior", "train", "--cache", str(tmp_path), "--unet-lr", "nan"]) != 0
+    assert "--unet-lr must be a positive number" in capsys.readouterr().err
+    assert main(["toy-prior", "train", "--cache", str(tmp_path), "--unet-minutes", "10",
+                 "--unet-cycle-from", "10"]) != 0
+    assert "--unet-cycle-from (10) must be" in capsys.readouterr().err
+
+
 def test_prior_training_runs_every_stage_resumes_and_exports(tmp_path):
     from lods.priors.toy.data import render_cache
     from lods.priors.toy.train import ToyTrainConfig, train

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ class ToyTrainConfig:
     unet_lr: float = 4e-4
     unet_multi_fraction: float = 0.0  # share of two-object scenes per batch; 0: as they come in the cache
     unet_object_weight: float = 0.0  # extra loss weight on latent pixels covered by an object; 0: plain loss
+    unet_cycle_from: float = 0.0  # minutes of UNet training at which a new warm-up + cosine cycle starts; 0: one cycle
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     checkpoint_every_s: float = 120.0
@@ -271,6 +273,21 @@ def finetune_decoder(cfg: ToyTrainConfig, vae: AutoencoderKL, data: dict, latent
     return vae
 
 
+def unet_lr_at(cfg: ToyTrainConfig, step: int, elapsed: float) -> float:
+    """The UNet's learning rate: a warm-up, then a cosine from ``unet_lr`` down to a tenth of it at the budget.
+
+    With ``unet_cycle_from`` > 0 the first cycle ends at that many minutes and a second one starts there
+    (a fresh warm-up of 5 minutes, a new cosine over the rest of the budget): this continues a finished
+    run. It is a function of the step and elapsed time alone, so an interrupted run resumes on the same curve.
+    """
+    budget, start = cfg.unet_minutes * 60, cfg.unet_cycle_from * 60
+    if start > 0 and elapsed >= start:
+        warm, frac = min(1.0, (elapsed - start) / 300), (elapsed - start) / max(budget - start, 1e-9)
+    else:
+        warm, frac = min(1.0, step / 500), elapsed / (start or budget)
+    return cfg.unet_lr * warm * (0.5 * (1 + math.cos(math.pi * min(1.0, frac))) * 0.9 + 0.1)
+
+
 def train_unet(cfg: ToyTrainConfig, data: dict, latents: dict) -> tuple[UNet2DConditionModel, torch.nn.Module]:
     """Stage 2: epsilon-prediction loss, caption dropout, EMA; resumes from ``work/unet.pt``."""
     work = Path(cfg.work)
@@ -310,13 +327,8 @@ def train_unet(cfg: ToyTrainConfig, data: dict, latents: dict) -> tuple[UNet2DCo
     last_ck = time.time()
     while elapsed < budget:
         t0 = time.time()
-        warm = min(1.0, step / 500)
         for g in opt.param_groups:
-            g["lr"] = (
-                cfg.unet_lr
-                * warm
-                * (0.5 * (1 + torch.cos(torch.tensor(torch.pi * elapsed / budget)).item()) * 0.9 + 0.1)
-            )
+            g["lr"] = unet_lr_at(cfg, step, elapsed)
         idx = _draw_batch(keep, keep_multi, cfg.unet_batch, cfg.unet_multi_fraction, gen)
         z0 = latents["mean"][idx] * scaling  # the posterior mean, which the prior's encode_images also uses
         batch_ids = ids[idx].clone()
