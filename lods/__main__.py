@@ -7,9 +7,44 @@ and exit status 2; ``--debug`` shows the full traceback instead.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Callable
 
 from lods.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its complaints as one ``error:`` line (exit status 2), like every other bad input."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _int_in(low: int, high: int | None = None, what: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high]; argparse turns the ValueError into one error line."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = what or (f"whole number from {low:,}" + (f" to {high:,}" if high is not None else ""))
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(text)
+    return value
+
+
+_finite_float.__name__ = "finite number >= 0"
+STEPS = _int_in(1, 10_000_000)
+SEED = _int_in(0, 2**32 - 1)
+COUNT = _int_in(1)
 
 
 def _add_executor_options(p: argparse.ArgumentParser) -> None:
@@ -30,8 +65,8 @@ def _add_run_options(
         p.add_argument("--method", default=None,
                        help="sds, sds-ref, sds-norm, lods-embed, lods-lora, vsd, cfg-anneal, dds")
     p.add_argument("--cfg", type=cfg_type, default=None, required=cfg_required, help=cfg_help)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--steps", type=STEPS, default=None)
+    p.add_argument("--seed", type=SEED, default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument(
         "--lr",
@@ -42,12 +77,13 @@ def _add_run_options(
     p.add_argument("--learned-lr", type=float, default=None, help="learning rate of the null embedding or LoRA")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--config", default=None, help="YAML file with any of the config keys")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys (dotted for sections: lr.means=0.01 gaussians.max_points=8000)")
     p.add_argument("--out", required=True, help="output folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lods", description="LODS Studio: score-distillation text-to-3D.")
+    parser = Parser(prog="python -m lods", description="LODS Studio: score-distillation text-to-3D.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -75,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--prompts", required=True, help="a text file, one prompt per line (e.g. examples/prompts/)")
     ba.add_argument("--methods", required=True, help="comma-separated methods, e.g. sds,lods-embed")
     ba.add_argument("--backbone", default=None, help="gs (default), nerf or image")
-    ba.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    ba.add_argument("--limit", type=COUNT, default=None, help="only the first N prompts")
     _add_run_options(ba, method=False)
     _add_executor_options(ba)
 
@@ -85,11 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("what", choices=["guidance", "speed", "quality"])
     b.add_argument("--prior", default="toy")
-    b.add_argument("--steps", type=int, default=None,
+    b.add_argument("--steps", type=STEPS, default=None,
                    help="steps per measurement (guidance 5, speed 20) or per run (quality 300)")
     b.add_argument("--out", default=None, help="guidance: a JSON file; speed, quality: a folder")
     b.add_argument("--quick", action="store_true", help="quality: 3 prompts, 5 methods, 1 seed (about 15 min on CPU)")
-    b.add_argument("--seeds", type=int, default=None, help="quality: seeds per prompt and method (default 2, quick 1)")
+    b.add_argument("--seeds", type=_int_in(1, 1000), default=None,
+                   help="quality: seeds per prompt and method (default 2, quick 1)")
     b.add_argument("--report-only", action="store_true",
                    help="quality: write the report from the finished runs, run nothing")
     b.add_argument("--backbones", default="gs,nerf,image", help="speed: comma-separated backbones")
@@ -101,45 +138,45 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = t.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
     tr = tsub.add_parser("render", help="render the toy world's training cache (resumable)")
     tr.add_argument("--out", default=".cache/toy-world")
-    tr.add_argument("--n", type=int, default=48 * 512)
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--n", type=COUNT, default=48 * 512)
+    tr.add_argument("--seed", type=SEED, default=0)
     tt = tsub.add_parser("train", help="train the VAE, then the UNet and text encoder (resumable)")
     tt.add_argument("--cache", default=".cache/toy-world")
     tt.add_argument("--work", default=".cache/toy-train")
     tt.add_argument("--out", default=None, help="pipeline folder (default: the package's shipped weights)")
-    tt.add_argument("--vae-minutes", type=float, default=12.0)
-    tt.add_argument("--decoder-minutes", type=float, default=0.0,
+    tt.add_argument("--vae-minutes", type=_finite_float, default=12.0)
+    tt.add_argument("--decoder-minutes", type=_finite_float, default=0.0,
                     help="then train the decoder alone on the frozen encoder's latents, two-object scenes oversampled")
-    tt.add_argument("--unet-minutes", type=float, default=90.0)
-    tt.add_argument("--unet-multi-fraction", type=float, default=0.0,
+    tt.add_argument("--unet-minutes", type=_finite_float, default=90.0)
+    tt.add_argument("--unet-multi-fraction", type=_finite_float, default=0.0,
                     help="share of two-object scenes in each UNet batch (0: as they come)")
-    tt.add_argument("--unet-object-weight", type=float, default=0.0,
+    tt.add_argument("--unet-object-weight", type=_finite_float, default=0.0,
                     help="extra UNet loss weight on latent pixels covered by an object (0: plain loss)")
     tt.add_argument("--unet-lr", type=float, default=4e-4, help="the UNet's peak learning rate")
-    tt.add_argument("--unet-cycle-from", type=float, default=0.0, metavar="MINUTES",
+    tt.add_argument("--unet-cycle-from", type=_finite_float, default=0.0, metavar="MINUTES",
                     help="start a new warm-up and cosine learning-rate cycle at this many minutes of UNet "
                          "training, to continue a finished run (0: one cycle)")
-    tt.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    tt.add_argument("--threads", type=_int_in(0, 1024), default=0, help="torch threads (0: torch's default)")
     ts = tsub.add_parser("sample", help="DDIM samples of a prompt")
     ts.add_argument("--prompt", required=True)
-    ts.add_argument("--n", type=int, default=8)
-    ts.add_argument("--seed", type=int, default=0)
-    ts.add_argument("--steps", type=int, default=50)
-    ts.add_argument("--cfg", type=float, default=5.0)
+    ts.add_argument("--n", type=_int_in(1, 4096), default=8)
+    ts.add_argument("--seed", type=SEED, default=0)
+    ts.add_argument("--steps", type=_int_in(1, 1000), default=50)
+    ts.add_argument("--cfg", type=_finite_float, default=5.0)
     ts.add_argument("--out", required=True)
     tj = tsub.add_parser("judge", help="train the judge, or report its accuracy on renders and on samples")
     tj.add_argument("--train", action="store_true", help="train the judge on the render cache first")
     tj.add_argument("--cache", default=".cache/toy-world")
-    tj.add_argument("--minutes", type=float, default=10.0)
+    tj.add_argument("--minutes", type=_finite_float, default=10.0)
     tj.add_argument("--init", action="store_true", help="continue from the shipped judge instead of from scratch")
-    tj.add_argument("--lr", type=float, default=2e-3)
+    tj.add_argument("--lr", type=_finite_float, default=2e-3)
     tj.add_argument("--work-dir", default=None, help="checkpoint and fresh renders here; a rerun resumes")
     tj.add_argument("--judge-out", default=None, help="where --train writes the judge (default: the shipped file)")
     tj.add_argument("--prior-dir", default=None, help="sample from this pipeline folder (default: the shipped prior)")
-    tj.add_argument("--samples-per-caption", type=int, default=2)
-    tj.add_argument("--captions-per-category", type=int, default=48)
-    tj.add_argument("--cfg", type=float, default=5.0)
-    tj.add_argument("--steps", type=int, default=50)
+    tj.add_argument("--samples-per-caption", type=_int_in(1, 1000), default=2)
+    tj.add_argument("--captions-per-category", type=_int_in(1, 100_000), default=48)
+    tj.add_argument("--cfg", type=_finite_float, default=5.0)
+    tj.add_argument("--steps", type=_int_in(1, 1000), default=50)
     tj.add_argument("--out", default=None, help="write the report as JSON here")
     return parser
 
@@ -155,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the file system said no: a full disk, a read-only folder, a missing file
+        if args.debug:
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

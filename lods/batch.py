@@ -23,6 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from lods import checkpoint
 from lods.errors import UserError
 
 EXECUTORS = ("sequential", "ray")
@@ -139,7 +140,7 @@ def run_job(job: Job, video: bool = True, after: Callable[[Any, Path], Any] | No
 
         trainer = Trainer(config, prior=cached_prior(config.prior, config.device), out_dir=out)
         try:
-            ck = out / "checkpoint.pt"
+            ck = out / checkpoint.LATEST
             if ck.exists():  # an interrupted run continues from its last checkpoint
                 trainer.load_checkpoint(ck)
             run_and_export(trainer, out, show_progress=False, video=video)
@@ -149,7 +150,7 @@ def run_job(job: Job, video: bool = True, after: Callable[[Any, Path], Any] | No
     if after is not None:
         if trainer is None:
             trainer = Trainer(config, prior=cached_prior(config.prior, config.device))
-            trainer.load_checkpoint(out / "checkpoint.pt")
+            trainer.load_checkpoint(out / checkpoint.LATEST)
             trainer.close()
         after(trainer, out)
     return json.loads((out / "summary.json").read_text())
@@ -254,11 +255,11 @@ def write_summary_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from lods.runs import config_from_args
+    from lods.runs import config_from_args, prepare_out
 
     prompts = read_prompts(args.prompts)
     methods = parse_methods(args.methods)
-    if args.limit:
+    if args.limit is not None:
         prompts = prompts[: args.limit]
     args.prompt, args.method, args.negative_prompt, args.command = prompts[0], methods[0], None, "generate"
     base = config_from_args(args)
@@ -266,8 +267,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     from lods.trainer import RunConfig
 
     RunConfig.from_dict({**base, "prompt": prompts[0], "method": methods[0]}).validate()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out(args.out)
     jobs = batch_jobs(prompts, methods, base, out)
     todo = [j for j in jobs if not is_done(j.out)]
     print(f"{len(jobs)} runs ({len(prompts)} prompts x {len(methods)} methods): {len(jobs) - len(todo)} already "

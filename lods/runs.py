@@ -1,17 +1,21 @@
 """``generate`` and ``edit``: a run from the command line, with a progress bar and the contract's files.
 
 ``--out DIR`` receives ``config.yaml`` (fully resolved), ``metrics.jsonl`` (one JSON object per logged
-step), ``summary.json``, ``checkpoint.pt`` and the result: ``image.png`` (image), ``scene.ply`` (gs) or
-``mesh.glb`` (nerf), plus ``turntable.mp4`` and ``views.png`` for 3D.
+step), ``summary.json``, ``checkpoint.safetensors`` (and the one before, ``checkpoint-prev.safetensors``)
+and the result: ``image.png`` (image), ``scene.ply`` (gs) or ``mesh.glb`` (nerf), plus ``turntable.mp4``
+and ``views.png`` for 3D. Result files are written only when a run ends without diverging: a diverged run
+leaves the folder's previous results as they were.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
+import os
 import time
-from dataclasses import asdict
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +24,12 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from lods import export
+from lods import checkpoint, export
 from lods.cameras import turntable
 from lods.errors import UserError
 from lods.export import atomic_path
 from lods.scenes.image import ImageScene
-from lods.trainer import RunConfig, Trainer
+from lods.trainer import RunConfig, Trainer, write_config
 
 TOY_MAX_GAUSSIANS = 5000
 PRESETS = {
@@ -43,16 +47,15 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     cfg: dict[str, Any] = {}
     resume = getattr(args, "resume", None)
     if resume:
-        path = Path(resume) / "config.yaml"
-        if not path.exists():
-            raise UserError(f"{resume} has no config.yaml to resume from")
-        cfg.update(yaml.safe_load(path.read_text()))
+        cfg.update(copy.deepcopy(checkpoint.load(resume)["config"]))  # the config the checkpoint ran with
     if args.config:
         path = Path(args.config)
-        if not path.exists():
-            raise UserError(f"config file {path} not found")
+        if not path.is_file():
+            raise UserError(f"config file {path} not found" if not path.exists() else f"{path} is not a file")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path} is not a text file") from err
         except yaml.YAMLError as err:
             raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
         if not isinstance(loaded, dict):
@@ -82,7 +85,12 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: {p} is not a section")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise UserError(f"--set {key}: {value!r} is not a value ({str(err).splitlines()[0]})") from err
     backbone = cfg.get("backbone", "gs")
     if args.lr is not None:
         if backbone == "image":
@@ -107,23 +115,44 @@ def with_toy_gaussian_cap(cfg: dict) -> dict:
 def load_image(path: str | Path, size: int) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image {path} not found" if not path.exists() else f"{path} is not a file")
     try:
-        img = Image.open(path).convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
-    except FileNotFoundError as err:
-        raise UserError(f"image {path} not found") from err
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                img = opened.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
     except UnidentifiedImageError as err:
         raise UserError(f"{path} is not an image file") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise UserError(f"{path} is too large to be an input image ({str(err).split('.')[0]})") from err
+    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt files
+        raise UserError(f"{path} cannot be read as an image ({str(err).splitlines()[0][:100]})") from err
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    cfg_dict = config_from_args(args)
+def prepare_out(out: str | Path) -> Path:
+    """``out`` as a writable folder (created if needed), or a ``UserError`` that says why it cannot be."""
+    out = Path(out)
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {out}: {parent} is a file, not a folder")
+            break
     try:
-        config = RunConfig.from_dict(cfg_dict)
-    except TypeError as err:
-        raise UserError(f"bad config: {err}") from err
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot create the folder ({err.strerror})") from err
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: the folder is not writable")
+    return out
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    config = RunConfig.from_dict(config_from_args(args))
     config.validate()
-    out = Path(args.out)
+    out = prepare_out(args.out)
     init_image = None
     if args.command == "edit":
         from lods.trainer import load_prior
@@ -135,10 +164,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     else:
         trainer = Trainer(config, out_dir=out)
     if getattr(args, "resume", None):
-        ck = Path(args.resume) / "checkpoint.pt"
-        if not ck.exists():
-            raise UserError(f"{args.resume} has no checkpoint.pt to resume from")
-        trainer.load_checkpoint(ck)
+        trainer.load_checkpoint(args.resume)
     return run_and_export(trainer, out)
 
 
@@ -146,8 +172,8 @@ def run_and_export(trainer: Trainer, out: Path, show_progress: bool = True, vide
     """Train with a progress bar, then write the contract's files into ``out`` (``video=False``: no
     turntable video, for benchmarks)."""
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "config.yaml") as tmp:
-        tmp.write_text(yaml.safe_dump(asdict(trainer.config), sort_keys=False))
+    if trainer.checkpoint_step is None:  # a fresh run; a resumed one keeps its config.yaml until a checkpoint
+        write_config(out / "config.yaml", trainer.resolved_config())
     start_step, t0 = trainer.step, time.perf_counter()
     bar = tqdm(
         total=trainer.config.steps,
@@ -162,17 +188,23 @@ def run_and_export(trainer: Trainer, out: Path, show_progress: bool = True, vide
         if step % 10 == 0:
             bar.set_postfix(cfg=stats["cfg"], t=int(stats.get("t", 0)), loss=f"{stats['loss']:.3g}")
 
-    status = trainer.run(progress)
-    bar.close()
-    trainer.close()
+    try:
+        status = trainer.run(progress)
+    finally:
+        bar.close()
+        trainer.close()
+    if status == "diverged":  # nothing written: the folder's previous results and checkpoints stay as they were
+        raise UserError(trainer.message)
     seconds = time.perf_counter() - t0
     results = export_results(trainer, out, video_frames=60 if video else 0)
+    ran = trainer.resolved_config()
     summary = {
-        "prompt": trainer.config.prompt,
-        "method": trainer.config.method,
-        "backbone": trainer.config.backbone,
-        "prior": trainer.config.prior,
-        "cfg": trainer.config.cfg,
+        "prompt": ran.prompt,
+        "method": ran.method,
+        "backbone": ran.backbone,
+        "prior": ran.prior,
+        "cfg": ran.cfg,  # the weight at the end; knob_changes lists every change
+        "knob_changes": trainer.knob_changes,
         "steps": trainer.step,
         "seconds": round(seconds, 3),
         "it_per_s": round((trainer.step - start_step) / max(seconds, 1e-9), 3),
@@ -186,8 +218,6 @@ def run_and_export(trainer: Trainer, out: Path, show_progress: bool = True, vide
         tmp.write_text(json.dumps(summary, indent=2, default=_json_default))
     with atomic_path(out / "metrics.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(h, default=_json_default) + "\n" for h in trainer.history))
-    if status == "diverged":
-        raise UserError(trainer.message)
     if show_progress:
         print(f"{status}: {trainer.step} steps in {seconds:.1f} s; results in {out}")
     return 0

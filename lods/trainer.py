@@ -3,18 +3,23 @@
 The trainer owns every live tensor. Other threads talk to it through two small objects guarded by
 one lock: :class:`Knobs` (CFG weight, learning rates, timestep range, pause/stop; read once per
 step) and the latest :class:`Snapshot` (a CPU copy of the renders, the scene and the statistics,
-published every ``snapshot_every`` steps). Checkpoints are written atomically every
-``checkpoint_every`` steps and at the end; resuming from one continues exactly (same parameters
-as an uninterrupted run with the same seed).
+published every ``snapshot_every`` steps). Checkpoints (safetensors + JSON, never
+unpickled; :mod:`lods.checkpoint`) are written atomically every ``checkpoint_every`` steps and at
+the end, only from a state that passed the divergence guard, and the one before is kept; resuming
+from one continues exactly (the same parameters as an uninterrupted run with the same seed).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
+import re
 import threading
 import time
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -23,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lods import metrics
+from lods import checkpoint, metrics
 from lods.cameras import CameraRange, Cameras, sample_cameras, turntable, view_suffix
 from lods.errors import UserError
 from lods.export import atomic_path
@@ -59,7 +64,7 @@ class RunConfig:
     lr_scale: float = 1.0  # multiplies every scene learning rate (a live knob)
     learned_lr: float | None = None  # alpha / LoRA learning rate (None: the method's default)
     view_prompts: bool | None = None  # append "front view" etc.; None: on for real priors, off for the toy prior
-    background: str = "white"
+    background: str = "white"  # behind the renders while training: white, random, or scene (the scene's own)
     log_every: int = 1
     snapshot_every: int = 10
     checkpoint_every: int = 200
@@ -72,11 +77,15 @@ class RunConfig:
     camera: dict[str, Any] = field(default_factory=dict)  # CameraRange fields
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"unknown config keys: {', '.join(unknown)}")
+    def from_dict(cls, d: Any) -> RunConfig:
+        """From plain values (YAML, ``--set``); a ``UserError`` naming the dotted key of any unknown key or
+        any value of the wrong type, including inside the scene, guidance and camera sections."""
+        if not isinstance(d, dict):
+            raise UserError(f"a config must be a mapping of keys to values, not {type(d).__name__}")
+        check_fields(cls, d)
+        for name, section in _sections().items():
+            if d.get(name):
+                check_fields(section, d[name], prefix=f"{name}.")
         return cls(**d)
 
     def validate(self) -> None:
@@ -93,10 +102,18 @@ class RunConfig:
         if math.isinf(self.cfg) and METHODS[self.method].finite_cfg_only:
             raise UserError(f"{self.method} diverges at an infinite CFG weight; use a finite one, or sds-norm / "
                             "lods-embed / lods-lora for the infinite limit")
-        if self.steps < 1 or self.steps > 10_000_000:
-            raise UserError(f"steps must be between 1 and 10,000,000, not {self.steps}")
-        if self.batch < 1:
-            raise UserError("batch (views per step) must be at least 1")
+        if not DEVICE_RE.fullmatch(self.device or "cpu"):
+            raise UserError(f"unknown device {self.device!r}; use cpu or cuda (cuda:N for one of several GPUs)")
+        for name, low, high in _RANGES:
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise UserError(f"{name} must be between {low:,} and {high:,}, not {value}")
+        if self.resolution is not None and self.resolution % 8:
+            raise UserError(f"resolution must be a multiple of 8, not {self.resolution}")
+        if self.background not in ("white", "random", "scene"):
+            raise UserError(f"background must be white, random or scene (the scene's own), not {self.background!r}")
+        if not self.max_grad_norm_jump > 1:
+            raise UserError(f"max_grad_norm_jump must be a number above 1, not {self.max_grad_norm_jump}")
         for name, value in self.lr.items():
             check_lr(value, f"learning rate of {name}")
         check_lr(self.lr_scale, "scene learning-rate scale")
@@ -106,6 +123,84 @@ class RunConfig:
             raise UserError("dds is an editing method: use `python -m lods edit`")
         if self.source_prompt is not None and self.backbone != "image":
             raise UserError("editing works on images: use --backbone image")
+
+
+DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?")
+_RANGES = (  # (field, lowest, highest) of the integer settings
+    ("steps", 1, 10_000_000),
+    ("seed", 0, 2**32 - 1),
+    ("batch", 1, 64),
+    ("threads", 1, 1024),
+    ("resolution", 16, 4096),
+    ("log_every", 1, 1_000_000),
+    ("snapshot_every", 1, 1_000_000),
+    ("checkpoint_every", 0, 10_000_000),
+    ("preview_views", 1, 16),
+)
+
+
+def _sections() -> dict[str, type]:
+    from lods.guidance import GuidanceConfig
+    from lods.scenes.gaussians import GaussianConfig
+    from lods.scenes.nerf import NerfConfig
+
+    return {"guidance": GuidanceConfig, "gaussians": GaussianConfig, "nerf": NerfConfig, "image": ImageConfig,
+            "camera": CameraRange}
+
+
+def check_fields(cls: type, d: Any, prefix: str = "") -> None:
+    """A ``UserError`` for keys of ``d`` that are not fields of dataclass ``cls`` or values of the wrong type.
+
+    Nested dataclass fields (a guidance section's ``schedule``, a NeRF's ``grid``) are checked in turn."""
+    if not isinstance(d, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'the config'} must be a mapping of keys to values, not {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    for key, value in d.items():
+        if key not in names:
+            raise UserError(f"unknown config key {prefix}{key}; known keys here: {', '.join(sorted(names))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, hint):
+                check_fields(hint, value, prefix=f"{prefix}{key}.")
+        elif not _fits(value, hint):
+            raise UserError(f"{prefix}{key} must be {_describe(hint)}, not {value!r}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    if origin is tuple:
+        return (isinstance(value, (list, tuple)) and len(value) == len(args)
+                and all(_fits(v, a) for v, a in zip(value, args)))
+    return True  # a type this checker does not know: the section's own constructor checks it
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is dict:
+        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
+    if origin is tuple:
+        return f"a list of {len(args)} numbers"
+    return {int: "a whole number", float: "a number", str: "text", bool: "true or false", type(None): "empty (null)"
+            }.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def check_cfg(value: float) -> float:
@@ -224,7 +319,7 @@ class Trainer:
                     self.null_emb = source_emb
         self.preview_cameras = turntable(config.preview_views, self.resolution)
         self.timer = PhaseTimer(enabled=False, device=self.device)  # enabled by `bench speed`
-        self.checkpoint_step = 0
+        self.checkpoint_step: int | None = None  # step of the last checkpoint written or loaded
         self._t_last = time.perf_counter()
         self._rate_step = 0
         self._rate = 0.0
@@ -364,6 +459,9 @@ class Trainer:
         for p in self.scene.parameters():
             if not torch.isfinite(p).all():
                 return f"diverged at step {self.step}: the scene's parameters became NaN or infinite"
+        blown = self.scene.health()
+        if blown:
+            return f"diverged at step {self.step}: {blown}"
         norms = [h["scene_grad_norm"] for h in self.history[-50:]]
         if len(norms) >= 20:
             med = float(np.median(norms))
@@ -414,7 +512,14 @@ class Trainer:
         problem = self._guard(stats)
         if problem:
             self.status = "diverged"
-            self.message = f"{problem}; the last good checkpoint is at step {self.checkpoint_step}"
+            if self.checkpoint_step is None:
+                where = ("no checkpoint was written, so there is nothing to resume; "
+                         "lower the learning rates or the CFG weight")
+            else:
+                where = f"the last good checkpoint is at step {self.checkpoint_step}"
+                if self.out_dir:
+                    where += f" (--resume {self.out_dir}, with other settings)"
+            self.message = f"{problem}; {where}"
             return False
         now = time.perf_counter()
         if now - self._t_last > 0.5:
@@ -509,15 +614,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def resolved_config(self) -> RunConfig:
+        """The config as it runs now: every default resolved, the live knobs' current values."""
+        with self.lock:
+            knobs = copy.copy(self.knobs)
+        return dataclasses.replace(
+            self.config,
+            cfg=knobs.cfg,
+            lr_scale=knobs.scene_lr_scale,
+            learned_lr=knobs.learned_lr if knobs.learned_lr is not None else self.estimator.lr,
+            device=str(self.device),
+            threads=torch.get_num_threads() if self.device.type == "cpu" else self.config.threads,
+            resolution=self.resolution,
+            view_prompts=self.view_prompts,
+        )
+
     def state(self) -> dict[str, Any]:
+        """Everything the next step depends on (loaded by :meth:`load_checkpoint`)."""
+        with self.lock:
+            knobs = {k: v for k, v in asdict(self.knobs).items() if k not in ("paused", "stop")}
+            knob_changes = list(self.knob_changes)
         return {
             "step": self.step,
             "config": asdict(self.config),
             "scene": {k: v.detach().cpu() for k, v in self.scene.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "estimator": self.estimator.state_dict(),
-            "knobs": asdict(self.knobs),
-            "knob_changes": self.knob_changes,
+            "knobs": knobs,
+            "knob_changes": knob_changes,
             "history": self.history,
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -529,23 +653,32 @@ class Trainer:
         }
 
     def save_checkpoint(self, out_dir: str | Path) -> Path:
-        path = Path(out_dir) / "checkpoint.pt"
-        with atomic_path(path) as tmp:
-            torch.save(self.state(), tmp)
+        """``checkpoint.safetensors`` (the previous one kept as ``checkpoint-prev``) and ``config.yaml``."""
+        out_dir = Path(out_dir)
+        path = checkpoint.save(out_dir / checkpoint.LATEST, self.state())
+        write_config(out_dir / "config.yaml", self.resolved_config())
         self.checkpoint_step = self.step
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
-        ck = torch.load(Path(path), map_location="cpu", weights_only=False)
-        load_scene_state(self.scene, ck["scene"], self.device)
-        self.optimizer = torch.optim.Adam(self.scene.param_groups(self.config.lr), eps=1e-15)
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.base_lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
-        if ck["estimator"]:
+        """Continue from a checkpoint (a file, or a run folder's latest). What this trainer's config sets
+        differently from the checkpoint's config applies from here on: the live knobs (CFG weight,
+        learning-rate scale, learned rate) as recorded knob changes, the scene learning rates and the
+        step count directly; a change of anything that shaped the saved state is refused."""
+        ck = checkpoint.load(path)
+        check_resumable(RunConfig.from_dict(ck["config"]), self.config)
+        try:
+            load_scene_state(self.scene, ck["scene"], self.device)
+            self.optimizer = torch.optim.Adam(self.scene.param_groups(self.config.lr), eps=1e-15)
+            self.base_lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+            self.optimizer.load_state_dict(ck["optimizer"])
             self.estimator.load_state_dict(ck["estimator"])
-        knobs = {k: v for k, v in ck["knobs"].items() if k not in ("paused", "stop")}
-        self.knobs = Knobs(**{**asdict(self.knobs), **knobs})
-        self.knob_changes, self.history = ck["knob_changes"], ck["history"]
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise UserError(f"{path} does not fit this run ({str(err).splitlines()[0][:120]})") from err
+        with self.lock:
+            self.knobs = Knobs(**{**asdict(self.knobs), **ck["knobs"]})
+            self.knob_changes = list(ck["knob_changes"])
+        self.history = list(ck["history"])
         rng = ck["rng"]
         torch.set_rng_state(rng["torch"])
         self.camera_gen.set_state(rng["camera"])
@@ -554,6 +687,41 @@ class Trainer:
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.step = self.checkpoint_step = ck["step"]
+        self._apply_knobs(self.knobs)
+        # This run's own settings of the live knobs win over the checkpoint's, as knob changes at this step.
+        saved = RunConfig.from_dict(ck["config"])
+        changes: dict[str, Any] = {}
+        if self.config.cfg != saved.cfg:
+            changes["cfg"] = self.config.cfg
+        if self.config.lr_scale != saved.lr_scale:
+            changes["scene_lr_scale"] = self.config.lr_scale
+        if self.config.learned_lr is not None and self.config.learned_lr != saved.learned_lr:
+            changes["learned_lr"] = self.config.learned_lr
+        if changes:
+            self.set_knobs(**changes)
+
+
+# Settings that shape the saved state: a resumed run must keep them.
+FIXED_ON_RESUME = ("prompt", "negative_prompt", "source_prompt", "prior", "backbone", "method", "seed", "batch",
+                   "resolution", "background", "preview_views", "guidance", "gaussians", "nerf", "image", "camera")
+
+
+def check_resumable(saved: RunConfig, new: RunConfig) -> None:
+    """A one-line ``UserError`` when ``new`` changes a setting the checkpoint of ``saved`` depends on."""
+    for name in FIXED_ON_RESUME:
+        before, after = getattr(saved, name), getattr(new, name)
+        if name == "resolution" and (before is None or after is None):
+            continue
+        if before != after:
+            raise UserError(f"{name} cannot change when resuming (the checkpoint has {before!r}, asked {after!r}); "
+                            "start a new run in another folder")
+
+
+def write_config(path: str | Path, config: RunConfig) -> None:
+    import yaml
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(asdict(config), sort_keys=False))
 
 
 def load_scene_state(scene: Scene, state: dict[str, torch.Tensor], device: torch.device) -> None:

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from lods import checkpoint
 from lods.__main__ import main
+from lods.errors import UserError
 from lods.priors.diffusers_prior import DiffusersPrior
 from lods.trainer import RunConfig, Trainer
 
@@ -38,7 +40,7 @@ def test_generate_gs_exports(tiny_sd_dir, tmp_path):
     code = main(["generate", "--prompt", "a red cube", "--backbone", "gs", "--prior", str(tiny_sd_dir), "--steps", "4",
                  "--device", "cpu", "--set", "gaussians.num_points=300", "--set", "batch=1", "--out", str(out)])
     assert code == 0
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt", "scene.ply", "views.png",
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.safetensors", "scene.ply", "views.png",
                  "turntable.mp4"):
         assert (out / name).exists(), name
     ply = PlyData.read(str(out / "scene.ply"))
@@ -60,7 +62,7 @@ def test_gs_resume_is_exact_across_densification(tiny_prior, tmp_path):
     half = Trainer(gs_config(steps=3), prior=tiny_prior, out_dir=tmp_path)
     half.run()
     again = Trainer(gs_config(steps=6), prior=tiny_prior, out_dir=tmp_path)
-    again.load_checkpoint(tmp_path / "checkpoint.pt")
+    again.load_checkpoint(tmp_path / "checkpoint.safetensors")
     again.run()
     assert full.scene.num_gaussians == again.scene.num_gaussians > 300
     for (name, a), (_, b) in zip(full.scene.named_parameters(), again.scene.named_parameters()):
@@ -93,8 +95,8 @@ def test_sigkill_mid_run_leaves_a_loadable_checkpoint(tiny_sd_dir, tmp_path):
 
     def checkpoint_step() -> int:
         try:
-            return torch.load(out / "checkpoint.pt", weights_only=False)["step"]
-        except (FileNotFoundError, RuntimeError, EOFError):
+            return checkpoint.load(out / "checkpoint.safetensors")["step"]
+        except UserError:
             return 0
 
     try:
@@ -107,8 +109,8 @@ def test_sigkill_mid_run_leaves_a_loadable_checkpoint(tiny_sd_dir, tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert (out / "checkpoint.pt").exists()
-    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert (out / "checkpoint.safetensors").exists()
+    ck = checkpoint.load(out / "checkpoint.safetensors")
     assert ck["step"] >= 1
     code = main(["generate", "--prompt", "a red cube", "--resume", str(out), "--steps", str(ck["step"] + 2),
                  "--out", str(out)])
@@ -124,7 +126,7 @@ def test_generate_nerf_exports_a_mesh(tiny_sd_dir, tmp_path):
                  "--steps", "3", "--device", "cpu", "--set", "nerf.samples_per_ray=24",
                  "--set", "nerf.grid={n_levels: 4, log2_hashmap_size: 12}", "--out", str(out)])
     assert code == 0
-    for name in ("mesh.glb", "views.png", "turntable.mp4", "summary.json", "checkpoint.pt"):
+    for name in ("mesh.glb", "views.png", "turntable.mp4", "summary.json", "checkpoint.safetensors"):
         assert (out / name).exists(), name
     mesh = trimesh.load(out / "mesh.glb", force="mesh")
     assert len(mesh.faces) > 100 and mesh.visual.vertex_colors.shape[0] == len(mesh.vertices)
@@ -140,7 +142,7 @@ def test_nerf_resume_is_exact(tiny_prior, tmp_path):
     half = Trainer(gs_config(**{**cfg, "steps": 2}), prior=tiny_prior, out_dir=tmp_path)
     half.run()
     again = Trainer(gs_config(**cfg), prior=tiny_prior, out_dir=tmp_path)
-    again.load_checkpoint(tmp_path / "checkpoint.pt")
+    again.load_checkpoint(tmp_path / "checkpoint.safetensors")
     again.run()
     for (name, a), (_, b) in zip(full.scene.named_parameters(), again.scene.named_parameters()):
         assert torch.equal(a, b), name

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lods import checkpoint
 from lods.__main__ import main
 from lods.errors import UserError
 from lods.priors.diffusers_prior import DiffusersPrior
@@ -60,7 +61,7 @@ def test_generate_image_writes_the_contract_files(tiny_sd_dir, tmp_path, capsys)
         ]
     )
     assert code == 0
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt", "image.png"):
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.safetensors", "image.png"):
         assert (out / name).exists(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "lods-embed" and summary["cfg"] == 100 and summary["steps"] == 4
@@ -78,7 +79,7 @@ def test_resume_continues_exactly(tiny_prior, tmp_path):
     first = Trainer(image_config(steps=3), prior=tiny_prior, out_dir=tmp_path / "half")
     first.run()
     second = Trainer(image_config(steps=6), prior=tiny_prior, out_dir=tmp_path / "half")
-    second.load_checkpoint(tmp_path / "half" / "checkpoint.pt")
+    second.load_checkpoint(tmp_path / "half" / "checkpoint.safetensors")
     assert second.step == 3
     second.run()
     assert torch.equal(full.scene.theta, second.scene.theta)
@@ -138,7 +139,7 @@ def test_divergence_guard_stops_and_keeps_last_checkpoint(tiny_prior, tmp_path):
     tr.estimator.step = poisoned
     assert tr.run() == "diverged"
     assert "diverged at step" in tr.message and "step 4" in tr.message
-    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ck = checkpoint.load(tmp_path / "checkpoint.safetensors")
     assert ck["step"] == 4 and torch.isfinite(ck["scene"]["theta"]).all()
 
 

@@ -34,3 +34,8 @@ class Scene(torch.nn.Module):
     def post_step(self, step: int, out: RenderOutput, optimizer: torch.optim.Optimizer) -> dict:
         """Called after each optimizer step (densify / prune / grid update); returns stats to log."""
         return {}
+
+    def health(self) -> str | None:
+        """What is wrong with finite but blown-up parameters (the trainer's guard stops the run before they
+        reach a checkpoint), or None. NaN and infinities are checked by the trainer for every scene."""
+        return None

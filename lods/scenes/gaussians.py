@@ -69,6 +69,8 @@ class GaussianConfig:
     max_screen_size: float = 0.3  # prune when the splat's radius exceeds this fraction of the image side
     opacity_reset_every: int = 0  # reset every opacity to <= 0.01 this often (3DGS: 3000); 0 disables
     max_points: int = 20000  # densification stops adding Gaussians at this count
+    max_abs_mean: float = 100.0  # divergence guard: a centre this far from the origin (world units) is a blow-up
+    max_scale: float = 10.0  # divergence guard: a Gaussian this large (largest axis, world units) is a blow-up
 
     lr_means: float = 1e-3
     lr_scales: float = 5e-3
@@ -108,6 +110,9 @@ def ball_points(n: int, radius: float, generator: torch.Generator | None = None)
     d = torch.randn(n, 3, generator=generator)
     d = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return d * radius * torch.rand(n, 1, generator=generator) ** (1.0 / 3.0)
+
+
+_STATS = ("grad2d_sum", "grad2d_count", "max_radius")
 
 
 class GaussianScene(Scene):
@@ -225,10 +230,11 @@ class GaussianScene(Scene):
 
     def _reset_stats(self) -> None:
         n, dev = self.num_gaussians, self.means.device
-        self.register_buffer("grad2d_sum", torch.zeros(n, device=dev), persistent=False)
-        self.register_buffer("grad2d_count", torch.zeros(n, device=dev), persistent=False)
+        # Persistent: they decide the next densification, so a checkpoint must carry them (exact resume).
+        self.register_buffer("grad2d_sum", torch.zeros(n, device=dev))
+        self.register_buffer("grad2d_count", torch.zeros(n, device=dev))
         # largest splat radius seen, as a fraction of the image's larger side
-        self.register_buffer("max_radius", torch.zeros(n, device=dev), persistent=False)
+        self.register_buffer("max_radius", torch.zeros(n, device=dev))
 
     def _accumulate(self, meta: dict) -> None:
         means2d = meta.get("means2d")
@@ -335,9 +341,21 @@ class GaussianScene(Scene):
         for attr in _PARAMS.values():
             if attr in state_dict and state_dict[attr].shape != getattr(self, attr).shape:
                 setattr(self, attr, nn.Parameter(torch.empty_like(state_dict[attr], device=self.means.device)))
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._reset_stats()
-        return result
+        if _STATS[0] not in state_dict:  # a state saved without the densification statistics: start them afresh
+            state_dict = {**state_dict, **{k: getattr(self, k) for k in _STATS}}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @torch.no_grad()
+    def health(self) -> str | None:
+        """Finite blow-ups: a centre beyond ``max_abs_mean`` or a Gaussian larger than ``max_scale``."""
+        far = float(self.means.abs().max()) if self.num_gaussians else 0.0
+        if far > self.config.max_abs_mean:
+            return f"a Gaussian's centre moved {far:.3g} units from the origin (limit {self.config.max_abs_mean:g})"
+        big = float(self.log_scales.max().exp()) if self.num_gaussians else 0.0
+        if big > self.config.max_scale:
+            return f"a Gaussian grew to {big:.3g} units across (limit {self.config.max_scale:g})"
+        return None
 
     @torch.no_grad()
     def viewer_gaussians(self) -> dict[str, np.ndarray]:

@@ -294,7 +294,8 @@ def _bin_pairs(proj: dict[str, torch.Tensor], width: int, height: int) -> _Pairs
         half_h = torch.sqrt(k2.clamp_min(0) * cov_yy)
         y0 = torch.ceil(m[:, 1] - half_h - 0.5 - eps).clamp_min(0)
         y1 = torch.floor(m[:, 1] + half_h - 0.5 + eps).clamp_max(height - 1)
-        ny = torch.where(valid, (y1 - y0 + 1).clamp_min(0), torch.zeros_like(y0)).long()
+        rows_ok = valid & torch.isfinite(y0) & torch.isfinite(y1)  # NaN would turn into a negative count
+        ny = torch.where(rows_ok, (y1 - y0 + 1).clamp_min(0), torch.zeros_like(y0)).long()
         row_g = torch.repeat_interleave(ny)
         first_row = (torch.cumsum(ny, 0) - ny).index_select(0, row_g)
         mx, my, a, b, c, kk, top = (
@@ -308,7 +309,8 @@ def _bin_pairs(proj: dict[str, torch.Tensor], width: int, height: int) -> _Pairs
         root = torch.sqrt(disc.clamp_min(0))
         x0 = torch.ceil(mx + (-b * dy - root) / a - 0.5 - eps).clamp_min(0)
         x1 = torch.floor(mx + (-b * dy + root) / a - 0.5 + eps).clamp_max(width - 1)
-        nx = torch.where(disc >= 0, (x1 - x0 + 1).clamp_min(0), torch.zeros_like(x0)).long()
+        chord_ok = (disc >= 0) & torch.isfinite(x0) & torch.isfinite(x1)
+        nx = torch.where(chord_ok, (x1 - x0 + 1).clamp_min(0), torch.zeros_like(x0)).long()
 
         # pixels of each row: row attributes minus the row's first pair index, plus the pair index
         pair_row = torch.repeat_interleave(nx)
