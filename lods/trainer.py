@@ -104,6 +104,8 @@ class RunConfig:
                             "lods-embed / lods-lora for the infinite limit")
         if not DEVICE_RE.fullmatch(self.device or "cpu"):
             raise UserError(f"unknown device {self.device!r}; use cpu or cuda (cuda:N for one of several GPUs)")
+        if (self.device or "").startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {self.device} was asked for but CUDA is not available; use --device cpu")
         for name, low, high in _RANGES:
             value = getattr(self, name)
             if value is not None and not low <= value <= high:

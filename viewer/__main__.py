@@ -30,6 +30,27 @@ def find_result(path: Path) -> Path:
     raise FileNotFoundError(f"{path} has neither {' nor '.join(RESULT_FILES)}; is it a finished 3D run?")
 
 
+def load_result(path: Path):
+    """The Gaussians of a ``.ply`` or the mesh of a ``.glb``; a ``ValueError`` (one line) for anything else."""
+    suffix = path.suffix.lower()
+    if suffix not in (".ply", ".glb"):
+        raise ValueError(f"{path} is not a result file: give a run folder, a scene.ply or a mesh.glb")
+    try:
+        if suffix == ".ply":
+            return read_gaussians_ply(path)
+        import trimesh
+
+        mesh = trimesh.load(str(path), force="mesh")
+        if not hasattr(mesh, "faces") or len(mesh.faces) == 0:
+            raise ValueError("no triangles in it")
+        return mesh
+    except ValueError as e:
+        raise ValueError(f"{path} cannot be shown: {str(e).splitlines()[0][:160]}") from e
+    except Exception as e:  # plyfile and trimesh raise their own errors on malformed files
+        raise ValueError(f"{path} is damaged or not a {suffix[1:]} file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else 'unreadable'})") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m viewer", description=__doc__.splitlines()[0])
     parser.add_argument("result", type=Path, help="a result folder (or its scene.ply / mesh.glb)")
@@ -39,31 +60,25 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         path = find_result(args.result)
-    except FileNotFoundError as e:
+        shown = load_result(path)
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     viewer = ViewerServer(host=args.host, port=args.port, label=f"LODS Studio: {path.parent.name or path.name}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop cleanly when a service manager ends us
     try:
-        if path.suffix.lower() == ".ply":
-            gaussians = read_gaussians_ply(path)
-            viewer.show_gaussians(gaussians)
-            what = f"{len(gaussians['means']):,} Gaussians"
+        if isinstance(shown, dict):
+            viewer.show_gaussians(shown)
+            what = f"{len(shown['means']):,} Gaussians"
         else:
-            import trimesh
-
-            mesh = trimesh.load(str(path), force="mesh")
-            viewer.show_mesh(mesh)
-            what = f"a mesh of {len(mesh.faces):,} faces"
+            viewer.show_mesh(shown)
+            what = f"a mesh of {len(shown.faces):,} faces"
         viewer.set_status(f"{path.name}: {what}")
         print(f"Showing {what} from {path} at {viewer.url} (Ctrl-C to quit)")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         return 0
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         viewer.stop()
 
