@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import sys
 from collections.abc import Mapping
 
-from app.config import ModelPolicy
+from app.config import ModelPolicy, restricted_server
 from app.jobs import JobManager
 from app.ui import AppSettings, build_demo, launch_options
 from app.viewer_link import FRAME_JS, connect_viewer
@@ -32,7 +34,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--single-port", action="store_true",
                         help="serve the viewer under the page's port at /viewer/ (on by default on a Space)")
     parser.add_argument("--no-viewer", action="store_true", help="do not start the live 3D viewer")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help=f"most steps a run may ask for (default {LOCAL_MAX_STEPS:,} on localhost, "
+                             f"{SHARED_MAX_STEPS:,} when strangers can reach the page)")
     return parser.parse_args(argv)
+
+
+LOCAL_MAX_STEPS = 20_000
+SHARED_MAX_STEPS = 5_000  # a shared deployment: no one session holds the device for hours
 
 
 def server_host(arg: str | None, env: Mapping[str, str] = os.environ) -> str:
@@ -51,8 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     policy = ModelPolicy.for_server(host, extra=[args.prior, *args.allow_model])
     manager = JobManager()
     viewer = None if args.no_viewer else connect_viewer(manager, host, args.viewer_port, single_port)
-    settings = AppSettings(policy=policy, default_prior=args.prior, viewer_html=viewer.html() if viewer else "")
+    max_steps = args.max_steps or (SHARED_MAX_STEPS if restricted_server(host) else LOCAL_MAX_STEPS)
+    settings = AppSettings(policy=policy, default_prior=args.prior, viewer_html=viewer.html() if viewer else "",
+                           max_steps=max_steps)
     demo = build_demo(manager, settings, on_load_js=FRAME_JS if viewer and not single_port else None)
+    # SIGTERM (a service manager, a Space restarting) ends like Ctrl-C: the run stops and its folder goes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         fastapi_app, _, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True,
                                         **launch_options())

@@ -9,32 +9,31 @@ a temporary folder of its own, and that folder is the only place its downloads c
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import math
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from app.config import checked_knob
 from lods.compare import Comparison, Slot
 from lods.errors import UserError
 from lods.priors.base import DiffusionPrior
-from lods.runs import export_results
+from lods.runs import write_run_folder
 from lods.trainer import RunConfig, Snapshot, Trainer, load_prior
 
 log = logging.getLogger(__name__)
 
 ACTIVE_PHASES = ("loading", "running", "paused", "exporting")
 MAX_QUEUE = 8
+MAX_KEPT = 16  # finished runs kept for their owners at most; the oldest go first
+ABANDON_AFTER_S = 180.0  # a run whose owner has not polled for this long is stopped (its results are written)
 PriorFactory = Callable[[str, torch.device], DiffusionPrior]
 SnapshotListener = Callable[[Snapshot], None]
 TrainerListener = Callable[[Trainer], None]
@@ -107,7 +106,7 @@ class JobManager:
     """
 
     def __init__(self, prior_factory: PriorFactory | None = None, listeners: list[SnapshotListener] | None = None,
-                 join_timeout: float = 30.0) -> None:
+                 join_timeout: float = 30.0, abandon_after_s: float = ABANDON_AFTER_S) -> None:
         self._lock = threading.Lock()
         self._job: Job | None = None
         self._ids = itertools.count(1)
@@ -118,8 +117,13 @@ class JobManager:
         self._queue: list[tuple[str, RunConfig, list[RunConfig] | None]] = []  # (owner, config, comparison)
         self._kept: dict[str, Job] = {}  # finished runs whose owners have not looked at them when the next began
         self._closed = False
+        self._reset_listeners: list[Callable[[], None]] = []
+        self._last_seen: dict[str, float] = {}  # owner -> time.monotonic() of its latest poll
         self.join_timeout = join_timeout
         self.max_queue = MAX_QUEUE
+        self.max_kept = MAX_KEPT
+        self.abandon_after_s = abandon_after_s
+        self._watchdog: threading.Thread | None = None
 
     # ------------------------------------------------------------------ reading
 
@@ -145,6 +149,48 @@ class JobManager:
     def add_listener(self, listener: SnapshotListener) -> None:
         with self._lock:
             self._listeners.append(listener)
+
+    def add_reset_listener(self, listener: Callable[[], None]) -> None:
+        """``listener()`` runs when an owner resets (discards) the current run: the viewer clears its scene."""
+        with self._lock:
+            self._reset_listeners.append(listener)
+
+    def touch(self, owner: str) -> None:
+        """``owner``'s page is still there (its poll); a run whose owner stops polling is stopped."""
+        with self._lock:
+            self._last_seen[owner] = time.monotonic()
+
+    def check_abandoned(self, now: float | None = None) -> Job | None:
+        """Stop the active job (writing its results and checkpoint) when its owner has not polled for
+        ``abandon_after_s``, and drop queued runs of such owners; returns the job stopped, if any. The
+        watchdog thread calls this every few seconds; a run started through the API whose client went
+        away so frees the device."""
+        now = time.monotonic() if now is None else now
+        limit = self.abandon_after_s
+        with self._lock:
+            gone = {o for o, t in self._last_seen.items() if now - t > limit}
+            self._queue = [q for q in self._queue if q[0] not in gone]
+            job = self._job
+            if job is None or not job.active or job.stop_requested or job.owner not in gone:
+                return None
+            log.info("run %d: its page stopped polling %.0f s ago; stopping it", job.id,
+                     now - self._last_seen[job.owner])
+            job.message = f"stopped: its page was closed or stopped polling for over {limit:.0f} s"
+            self._request_stop(job, export=True)
+            if job.trainer is not None:
+                job.trainer.message = job.message
+            return job
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(max(0.05, min(5.0, self.abandon_after_s / 4)))
+            with self._lock:
+                if self._closed:
+                    return
+            try:
+                self.check_abandoned()
+            except Exception:
+                log.exception("the abandoned-run check failed")
 
     def add_trainer_listener(self, listener: TrainerListener) -> None:
         """``listener(trainer)`` runs in the job's thread once a run's trainer is built, before it trains."""
@@ -182,10 +228,15 @@ class JobManager:
             if busy and self._job.owner == owner:
                 raise JobBusy("your run is still in progress; stop it first")
             if busy:
-                self._queue = [q for q in self._queue if q[0] != owner]
+                self._last_seen.setdefault(owner, time.monotonic())
+                mine = next((i for i, q in enumerate(self._queue) if q[0] == owner), None)
+                if mine is not None:  # a new Start while queued replaces the run and keeps its place
+                    self._queue[mine] = (owner, config, compare)
+                    return mine + 1
                 if len(self._queue) >= self.max_queue:
                     raise UserError(f"the queue is full ({self.max_queue} runs wait); try again later")
                 self._queue.append((owner, config, compare))
+                log.info("a run of %s is queued at position %d", config.prompt[:60], len(self._queue))
                 return len(self._queue)
         return self._start(config, owner, compare)
 
@@ -207,11 +258,17 @@ class JobManager:
                   out_dir=Path(tempfile.mkdtemp(prefix="lods-job-")))
         job.thread = threading.Thread(target=self._run, args=(job,), name=f"lods-job-{job.id}", daemon=True)
         self._job = job
+        self._last_seen.setdefault(owner, time.monotonic())
+        if self._watchdog is None and self.abandon_after_s > 0:
+            self._watchdog = threading.Thread(target=self._watch, name="lods-abandoned-runs", daemon=True)
+            self._watchdog.start()
         stale = [self._kept.pop(owner, None)]
         if previous is not None:
             if previous.owner != owner and previous.files:
                 stale.append(self._kept.pop(previous.owner, None))
                 self._kept[previous.owner] = previous
+                while len(self._kept) > self.max_kept:
+                    stale.append(self._kept.pop(next(iter(self._kept))))  # dicts keep insertion order
             else:
                 stale.append(previous)
         for old in stale:
@@ -237,10 +294,10 @@ class JobManager:
         self._prior_cache = (key, prior)
         return prior
 
-    def _notify(self, listeners: list[Callable[[Any], None]], value: Any) -> None:
+    def _notify(self, listeners: list[Callable[..., None]], value: Any) -> None:
         for listener in listeners:
             try:
-                listener(value)
+                listener(value) if value is not None else listener()
             except Exception:
                 log.exception("a job listener failed; training goes on")
 
@@ -263,7 +320,7 @@ class JobManager:
             if job.is_comparison:
                 self._run_comparison(job, prior)
                 return
-            trainer = Trainer(config, prior=prior, on_snapshot=self._publish)
+            trainer = Trainer(config, prior=prior, on_snapshot=self._publish, out_dir=job.out_dir)
             with self._lock:
                 listeners = list(self._trainer_listeners)
             self._notify(listeners, trainer)
@@ -277,7 +334,7 @@ class JobManager:
                 with self._lock:
                     job.phase = "exporting"
                 try:
-                    files = write_results(trainer, job.out_dir)
+                    files = write_results(trainer, job.out_dir, status)
                 except Exception as err:
                     log.exception("writing the results of run %d failed", job.id)
                     message = f"the result files could not be written: {type(err).__name__}: {one_line(err)}"
@@ -319,11 +376,11 @@ class JobManager:
             if job.export_on_stop:
                 with self._lock:
                     job.phase = "exporting"
-                for i, (config, trainer) in enumerate(zip(job.compare_configs, comparison.trainers)):
-                    if trainer.step == 0:
+                for i, (config, trainer, status) in enumerate(zip(job.compare_configs, comparison.trainers, statuses)):
+                    if trainer.step == 0 or status == "diverged":
                         continue
                     label = Slot(config.method, config.cfg).label.replace(" · CFG ", "-cfg-").replace("∞", "inf")
-                    files += write_results(trainer, job.out_dir / f"{i + 1}-{label}")
+                    files += write_results(trainer, job.out_dir / f"{i + 1}-{label}", status)
             messages = [f"{c.method}: {t.message}" for c, t in zip(job.compare_configs, comparison.trainers)
                         if t.message]
             final = "done" if all(s == "done" for s in statuses) else (
@@ -416,7 +473,9 @@ class JobManager:
                 raise UserError("the run is still finishing its current step; press Reset again in a moment")
             if self._job is job:
                 self._job = None
+            listeners = list(self._reset_listeners)
         _remove(job.out_dir)
+        self._notify(listeners, None)
         return True
 
     def release(self, owner: str) -> None:
@@ -444,21 +503,10 @@ class JobManager:
         self._prior_cache = None
 
 
-def write_results(trainer: Trainer, out_dir: Path) -> list[Path]:
-    """The run's result files (``lods.runs.export_results``), its config and its per-step metrics."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = export_results(trainer, out_dir)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(asdict(trainer.config), sort_keys=False))
-    lines = [json.dumps({k: _json_value(v) for k, v in row.items()}) for row in trainer.history]
-    (out_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
-    names = [v for k, v in results.items() if k != "metrics" and isinstance(v, str)]
-    return [out_dir / name for name in [*names, "config.yaml", "metrics.jsonl"] if (out_dir / name).is_file()]
-
-
-def _json_value(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+def write_results(trainer: Trainer, out_dir: Path, status: str = "done") -> list[Path]:
+    """The run folder's files (``lods.runs.write_run_folder``, the CLI's writer): results, summary, metrics,
+    config and checkpoint."""
+    return write_run_folder(trainer, out_dir, status)[1]
 
 
 def one_line(err: BaseException, limit: int = 240) -> str:

@@ -13,9 +13,11 @@ import functools
 import html
 import math
 import re
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -112,6 +114,14 @@ def notice(text: str, error: bool = False) -> str:
     return f"⚠️ {md_text(text)}" if error else md_text(text)
 
 
+def cached_copies(paths: list[Path]) -> list[Path]:
+    """The folders where Gradio keeps its served copies of ``paths`` (its cache names them by content hash)."""
+    from gradio.processing_utils import hash_file
+    from gradio.utils import get_upload_folder
+
+    return [Path(get_upload_folder()) / hash_file(p) for p in paths if Path(p).is_file()]
+
+
 def session_of(request: gr.Request | None) -> str:
     return (getattr(request, "session_hash", None) if request is not None else None) or "anonymous"
 
@@ -194,6 +204,7 @@ class Studio:
     def _session(self, request: gr.Request | None) -> str:
         session = session_of(request)
         self._seen[session] = time.monotonic()
+        self.manager.touch(session)
         return session
 
     # ------------------------------------------------------------------ buttons
@@ -248,10 +259,14 @@ class Studio:
         """
         job = self.manager.current()
         message, dismissed = "", view.get("dismissed", 0)
-        if job is not None:
+        me = self._session(request)
+        kept = self.manager.kept(me)
+        served = [*(kept.files if kept else []), *(job.files if job is not None and job.owner == me else [])]
+        cached = dict(zip(served, cached_copies(served)))
+        if job is not None or kept is not None:
             try:
-                self.manager.discard(self._session(request))
-                dismissed = job.id
+                self.manager.discard(me)
+                dismissed = job.id if job is not None else dismissed
             except NotOwner as err:
                 if job.active:
                     message = notice(one_line(err), error=True)
@@ -259,6 +274,9 @@ class Studio:
                     dismissed = job.id
             except UserError as err:
                 message = notice(one_line(err), error=True)
+        for source, folder in cached.items():
+            if not Path(source).exists():  # its run's folder went: Gradio's copy goes too
+                shutil.rmtree(folder, ignore_errors=True)
         d = DEFAULTS
         controls = (d.prompt, d.negative_prompt, self.settings.default_prior, d.custom_model, d.backbone, d.method,
                     d.cfg, d.scene_lr_scale, gr.update(value=d.learned_lr, interactive=True), d.steps, d.seed)
@@ -481,13 +499,16 @@ class Studio:
 
     def draw_phase(self, view: dict | None, request: gr.Request = None) -> tuple:
         """3D result, files, Pause label (run when the job's phase changes)."""
-        return self._phase_outputs(*self._visible(dict(view or {}), self._session(request)))
+        me = self._session(request)
+        return self._phase_outputs(*self._visible(dict(view or {}), me), me)
 
     @staticmethod
-    def _phase_outputs(job: Any, kept: Any) -> tuple:
+    def _phase_outputs(job: Any, kept: Any, me: str) -> tuple:
         if job is None:
             return None, None, gr.update(value="Pause")
-        paths = [str(p) for p in (kept.files if kept is not None else job.files)]  # your last run's files
+        # Your own last run's files only: another session's run shows its renders, never its file URLs.
+        mine = kept if kept is not None else (job if job.owner == me else None)
+        paths = [str(p) for p in mine.files] if mine is not None else []
         model = next((p for p in paths if p.endswith((".ply", ".glb"))), None)
         return model, paths or None, gr.update(value="Resume" if job.state == "paused" else "Pause")
 
@@ -520,7 +541,8 @@ class Studio:
         Everything at once, for the page's first load and for API clients; the page's timer uses
         :meth:`watch` and the draw methods."""
         view = dict(view or {})
-        job, snap, kept, keys = self._keys(view, self._session(request))
+        me = self._session(request)
+        job, snap, kept, keys = self._keys(view, me)
         changed = {k for k, v in keys.items() if view.get(k) != v}
         view.update(keys)
         if not changed:
@@ -533,7 +555,7 @@ class Studio:
             renders, plots = self._draw(keys["snap"], snap)
         model, files, pause = gr.skip(), gr.skip(), gr.skip()
         if "phase" in changed:
-            model, files, pause = self._phase_outputs(job, kept)
+            model, files, pause = self._phase_outputs(job, kept, me)
         return (status, renders, model, *plots, files, pause, view)
 
 
@@ -543,7 +565,8 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
     settings = settings or AppSettings()
     studio = Studio(manager, settings)
     d = DEFAULTS
-    with gr.Blocks(title=TITLE) as demo:
+    # Gradio keeps a copy of every file it serves (each preview too); copies older than an hour go.
+    with gr.Blocks(title=TITLE, delete_cache=(600, 3600)) as demo:
         gr.Markdown(
             f"# {TITLE}\n"
             "Text-to-3D by score distillation from a 2D diffusion model. **LODS** (Learn to Optimize Denoising "

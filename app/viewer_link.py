@@ -95,4 +95,5 @@ def connect_viewer(manager: JobManager, host: str, port: int, single_port: bool 
 
     manager.add_listener(server.update)
     manager.add_trainer_listener(follow)
+    manager.add_reset_listener(server.reset)  # a reset run leaves nothing in the viewer, for new clients too
     return ViewerLink(server=server, single_port=single_port)

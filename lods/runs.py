@@ -196,6 +196,20 @@ def run_and_export(trainer: Trainer, out: Path, show_progress: bool = True, vide
     if status == "diverged":  # nothing written: the folder's previous results and checkpoints stay as they were
         raise UserError(trainer.message)
     seconds = time.perf_counter() - t0
+    write_run_folder(trainer, out, status, seconds=seconds, start_step=start_step, video=video)
+    if show_progress:
+        print(f"{status}: {trainer.step} steps in {seconds:.1f} s; results in {out}")
+    return 0
+
+
+def write_run_folder(trainer: Trainer, out: Path, status: str, seconds: float | None = None, start_step: int = 0,
+                     video: bool = True) -> tuple[dict[str, Any], list[Path]]:
+    """The run folder's result files, ``summary.json``, ``metrics.jsonl`` and ``config.yaml`` (what ran, knob
+    values at the end); the one writer of the CLI, batch, sweep and the app. Returns the summary and the
+    files written. Call it only for a state that passed the divergence guard (never after "diverged")."""
+    if status == "diverged":
+        raise ValueError("a diverged run's state is not written")
+    out.mkdir(parents=True, exist_ok=True)
     results = export_results(trainer, out, video_frames=60 if video else 0)
     ran = trainer.resolved_config()
     summary = {
@@ -206,21 +220,22 @@ def run_and_export(trainer: Trainer, out: Path, show_progress: bool = True, vide
         "cfg": ran.cfg,  # the weight at the end; knob_changes lists every change
         "knob_changes": trainer.knob_changes,
         "steps": trainer.step,
-        "seconds": round(seconds, 3),
-        "it_per_s": round((trainer.step - start_step) / max(seconds, 1e-9), 3),
+        "seconds": None if seconds is None else round(seconds, 3),
+        "it_per_s": None if seconds is None else round((trainer.step - start_step) / max(seconds, 1e-9), 3),
         "status": status,
         "message": trainer.message,
         "device": str(trainer.device),
         "final_metrics": results.pop("metrics"),
         "files": results,
     }
+    write_config(out / "config.yaml", ran)
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2, default=_json_default))
     with atomic_path(out / "metrics.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(h, default=_json_default) + "\n" for h in trainer.history))
-    if show_progress:
-        print(f"{status}: {trainer.step} steps in {seconds:.1f} s; results in {out}")
-    return 0
+    names = [*[v for v in results.values() if isinstance(v, str)], "config.yaml", "summary.json", "metrics.jsonl",
+             checkpoint.LATEST]
+    return summary, [out / name for name in names if (out / name).is_file()]
 
 
 def _json_default(v: Any) -> Any:

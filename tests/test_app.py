@@ -455,8 +455,11 @@ def test_viewer_hook(monkeypatch, manager):
     class FakeViewer:
         def __init__(self, host, port):
             self.host, self.port, self.url = host, port, f"http://{host}:{port}/"
-            self.snapshots, self.render_fns, self.cleared = [], [], 0
+            self.snapshots, self.render_fns, self.cleared, self.resets = [], [], 0, 0
             self.min_interval_s = 0.0
+
+        def reset(self):
+            self.resets += 1
 
         def update(self, snapshot):
             self.snapshots.append(snapshot)
@@ -488,6 +491,9 @@ def test_viewer_hook(monkeypatch, manager):
     link.server.snapshots.clear()
     manager.start(gs, owner="a").thread.join(20)
     assert [s.step for s in link.server.snapshots if isinstance(s, types.SimpleNamespace)] == [1]
+    assert link.server.resets == 0
+    manager.discard("a")  # Reset: both viewers forget the run, so a new client receives none of its splats
+    assert link.server.resets == 1 and proxied.server.resets == 1
 
 
 def test_preview_grid_and_text_helpers():

@@ -189,6 +189,12 @@ class ViewerServer:
                 self._mesh.remove()
             self._mesh = self.server.scene.add_mesh_trimesh("/scene/mesh", mesh)
 
+    def reset(self) -> None:
+        """Forget the run: no renders from its trainer, no splats or mesh, status back to waiting."""
+        self.set_render_fn(None)
+        self.clear()
+        self._status.content = "waiting for a run…"
+
     def clear(self) -> None:
         """Remove the splats, the mesh and every client's background render (e.g. before a new run)."""
         with self._cv:
@@ -258,29 +264,31 @@ class ViewerServer:
 
     # ----------------------------------------------------------------------------- GUI
     def _build_gui(self, ground_y: float) -> None:
-        gui = self.server.gui
-        self._status = gui.add_markdown("waiting for a run…")
-        views = gui.add_button_group("View", options=tuple(CAMERA_PRESETS))
-        views.on_click(lambda event: self.move_cameras(event.target.value))
-        helpers = gui.add_checkbox("Axes and grid", initial_value=True)
-        self._grid = self.server.scene.add_grid(
+        self._ground_y = ground_y
+        self._status = self.server.gui.add_markdown("waiting for a run…")
+
+    def _client_gui(self, client: viser.ClientHandle) -> None:
+        """Each browser's own View buttons and helpers toggle: one viewer's clicks move no one else's camera."""
+        views = client.gui.add_button_group("View", options=tuple(CAMERA_PRESETS))
+        views.on_click(lambda event: self.move_cameras(event.target.value, client_id=client.client_id))
+        helpers = client.gui.add_checkbox("Axes and grid", initial_value=True)
+        grid = client.scene.add_grid(
             "/helpers/grid", width=4.0, height=4.0, plane="xz", cell_size=0.25, section_size=1.0,
-            position=(0.0, ground_y, 0.0),
+            position=(0.0, self._ground_y, 0.0),
         )
-        self._axes = self.server.scene.add_frame("/helpers/axes", axes_length=0.5, axes_radius=0.01)
+        axes = client.scene.add_frame("/helpers/axes", axes_length=0.5, axes_radius=0.01)
 
         @helpers.on_update
         def _(_event: Any) -> None:
-            self._grid.visible = helpers.value
-            self._axes.visible = helpers.value
+            grid.visible = axes.visible = helpers.value
 
-    def move_cameras(self, preset: str) -> None:
-        """Move every connected browser's camera to a preset: Front, Side, Back or Top."""
+    def move_cameras(self, preset: str, client_id: int | None = None) -> None:
+        """Move a browser's camera (``client_id``; every browser's when None) to a preset: Front, Side, Back, Top."""
         if preset not in CAMERA_PRESETS:
             raise ValueError(f"unknown camera preset {preset!r}; choose one of {', '.join(CAMERA_PRESETS)}")
         position = orbit_position(*CAMERA_PRESETS[preset], self.camera_distance)
         for view in self._live_views():
-            if not view.has_camera:
+            if not view.has_camera or (client_id is not None and view.client.client_id != client_id):
                 continue
             camera = view.client.camera
             with view.client.atomic():
@@ -299,6 +307,7 @@ class ViewerServer:
             if self._stopping:
                 return
             self._views[client.client_id] = view
+        self._client_gui(client)
         client.camera.on_update(lambda _camera: view.camera_moved())
         view.start()
 
