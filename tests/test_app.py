@@ -637,3 +637,82 @@ def test_viewer_bench_counts_splat_updates_that_arrive(tiny_prior):
     assert report["server_updates_sent"] >= 1
     assert 1 <= report["splat_updates_received"] <= report["server_updates_sent"]
     assert report["splats"] > 0 and report["it_per_s_alone"] > 0
+
+
+def test_an_abandoned_run_is_stopped_with_its_results_and_frees_the_device(prior_factory):
+    config = build_run_config(**{k: v for k, v in GOOD.items() if k != "custom_model"}, overrides=OVERRIDES)
+    jobs = JobManager(prior_factory=prior_factory, join_timeout=20, abandon_after_s=0)  # checked by hand here
+    try:
+        job = jobs.start(config, owner="api-client")  # started through the API, never polled again
+        assert jobs.start_or_queue(config, owner="gone-too") == 1
+        assert jobs.start_or_queue(config, owner="waiting") == 2
+        wait_for(lambda: job.trainer is not None and job.trainer.step > 0)
+        time.sleep(0.5)
+        jobs.touch("waiting")  # this session still polls; the other two do not
+        jobs.abandon_after_s = 0.4
+        assert jobs.check_abandoned() is job
+        job.thread.join(20)
+        assert job.phase == "stopped" and "stopped polling" in job.message
+        assert {p.name for p in job.files} >= {"image.png", "summary.json", "checkpoint.safetensors"}
+        nxt = wait_for(lambda: (j := jobs.current()) is not job and j)
+        assert nxt.owner == "waiting"  # the silent queued session lost its place, the polling one started
+        assert jobs.check_abandoned() is None  # its owner polled within the limit
+    finally:
+        jobs.shutdown()
+    watched = JobManager(prior_factory=prior_factory, join_timeout=20, abandon_after_s=0.3)  # the watchdog thread
+    try:
+        job = watched.start(config, owner="api-client")
+        job.thread.join(30)
+        assert job.phase == "stopped" and "stopped polling" in job.message
+    finally:
+        watched.shutdown()
+
+
+def test_start_again_while_queued_keeps_the_place_and_kept_runs_are_capped(manager):
+    config = build_run_config(**{k: v for k, v in GOOD.items() if k != "custom_model"}, overrides=OVERRIDES)
+    first = manager.start(config, owner="a")
+    assert manager.start_or_queue(config, owner="b") == 1 and manager.start_or_queue(config, owner="c") == 2
+    assert manager.start_or_queue(config, owner="b") == 1  # a second Start is not sent to the back
+    assert manager.queue_position("c") == 2
+    wait_for(lambda: first.trainer is not None and first.trainer.step > 0)
+    manager.stop("a", wait=20)
+    assert first.files  # its owner may still want them
+    manager.max_kept = 1
+    b = wait_for(lambda: (j := manager.current()) is not first and j)
+    assert manager.kept("a") is first
+    wait_for(lambda: b.trainer is not None and b.trainer.step > 0)
+    manager.stop("b", wait=20)
+    c = wait_for(lambda: (j := manager.current()) is not b and j)
+    assert c.owner == "c" and manager.kept("b") is b and manager.kept("a") is None  # the oldest went
+    assert not first.out_dir.exists()
+    manager.stop("c", wait=20)
+
+
+def test_file_urls_go_only_to_their_owner(manager):
+    studio = Studio(manager, AppSettings(run_overrides=OVERRIDES))
+    owner, watcher = types.SimpleNamespace(session_hash="owner"), types.SimpleNamespace(session_hash="watcher")
+    assert "Started run" in studio.start(*{**GOOD, "steps": 2}.values(), request=owner)
+    job = manager.current()
+    job.thread.join(30)
+    model, files, _ = studio.draw_phase({}, request=owner)
+    assert files and any(f.endswith("image.png") for f in files)
+    model, files, _ = studio.draw_phase({}, request=watcher)
+    assert files is None and model is None
+    polled = studio.poll({}, request=watcher)
+    assert polled[2] is None and polled[-3] is None  # the 3D result and the files of the full poll
+
+
+def test_reset_removes_gradios_cached_copies(manager, tmp_path, monkeypatch):
+    import gradio.utils
+    from gradio.processing_utils import save_file_to_cache
+
+    monkeypatch.setattr(gradio.utils, "get_upload_folder", lambda: str(tmp_path))
+    studio = Studio(manager, AppSettings(run_overrides=OVERRIDES))
+    me = types.SimpleNamespace(session_hash="me")
+    studio.start(*{**GOOD, "steps": 2}.values(), request=me)
+    job = manager.current()
+    job.thread.join(30)
+    copies = [Path(save_file_to_cache(p, str(tmp_path))) for p in job.files]
+    assert all(c.exists() for c in copies)
+    studio.reset({}, request=me)
+    assert not job.out_dir.exists() and not any(c.exists() for c in copies)

@@ -316,3 +316,24 @@ def test_browser_page_connects_through_proxy():
                 browser.close()
     finally:
         viewer.stop()
+
+
+def test_a_view_button_moves_only_the_camera_of_the_browser_that_pressed_it():
+    from contextlib import nullcontext
+
+    viewer = ViewerServer(port=free_port())
+    try:
+        views = {}
+        for cid in (1, 2):
+            camera = types.SimpleNamespace(position=(0.0, 0.0, 3.0), look_at=None, up_direction=None)
+            client = types.SimpleNamespace(client_id=cid, camera=camera, atomic=nullcontext)
+            views[cid] = types.SimpleNamespace(has_camera=True, client=client)
+        viewer._views.update(views)
+        viewer.move_cameras("Side", client_id=2)
+        assert views[1].client.camera.position == (0.0, 0.0, 3.0)
+        assert abs(views[2].client.camera.position[0]) > 3.0
+        with pytest.raises(ValueError):
+            viewer.move_cameras("Nowhere", client_id=1)
+        viewer._views.clear()
+    finally:
+        viewer.stop()
