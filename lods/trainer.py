@@ -446,6 +446,7 @@ class Trainer:
         stats.update({f"scene_{k}": float(v) for k, v in dens.items()})
         stats.setdefault("cfg", knobs.cfg)  # the estimator's effective weight (annealed, 1 for sds-ref, ...)
         stats["cfg_knob"] = knobs.cfg
+        stats["lr_scale"] = knobs.scene_lr_scale
         stats["learned_lr"] = self.estimator.lr
         if isinstance(self.estimator, LodsEmbed) and self.estimator.alpha is not None:
             init = self.estimator.alpha_init

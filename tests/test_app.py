@@ -716,3 +716,36 @@ def test_reset_removes_gradios_cached_copies(manager, tmp_path, monkeypatch):
     assert all(c.exists() for c in copies)
     studio.reset({}, request=me)
     assert not job.out_dir.exists() and not any(c.exists() for c in copies)
+
+
+def test_sigterm_stops_the_run_and_removes_its_folder(tmp_path):
+    """``python app.py`` ended by a service manager: the run stops, its job folder goes, exit status 0."""
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "TMPDIR": str(tmp_path), "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--no-viewer"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=Path(__file__).resolve().parent.parent)
+    try:
+        c = wait_for(lambda: _try_client(f"http://127.0.0.1:{port}/"), timeout=120, every=0.5)
+        assert "Started run" in start(c, steps=5000)
+        wait_for(lambda: list(tmp_path.glob("lods-job-*")), timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert list(tmp_path.glob("lods-job-*")) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _try_client(url: str):
+    try:
+        return client(url)
+    except Exception:
+        return None

@@ -19,6 +19,7 @@ from PIL import Image
 from lods import checkpoint
 from lods.__main__ import main
 from lods.errors import UserError
+from lods.guidance import METHODS
 from lods.priors.diffusers_prior import DiffusersPrior
 from lods.trainer import RunConfig, Trainer
 
@@ -306,6 +307,23 @@ def test_kill_and_resume_is_bit_identical(tiny_prior, tmp_path, backbone, method
     for (k, x), (_, y) in zip(full.estimator.state_dict().items(), again.estimator.state_dict().items()):
         if k == "params":
             assert all(torch.equal(p, q) for p, q in zip(x, y)), k
+    assert [h["loss"] for h in full.history] == [h["loss"] for h in again.history]
+
+
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if m != "dds"))
+def test_every_estimator_resumes_exactly_on_the_image_backbone(tiny_prior, tmp_path, method):
+    cfg = {"cfg": float("inf")} if method in ("sds-norm",) else {}
+    full = Trainer(config("image", method, 5, **cfg), prior=tiny_prior)
+    full.run()
+    full.close()
+    first = Trainer(config("image", method, 2, **cfg), prior=tiny_prior, out_dir=tmp_path)
+    first.run()
+    first.close()
+    again = Trainer(config("image", method, 5, **cfg), prior=tiny_prior, out_dir=tmp_path)
+    again.load_checkpoint(tmp_path / checkpoint.LATEST)
+    again.run()
+    again.close()
+    assert torch.equal(full.scene.theta, again.scene.theta)
     assert [h["loss"] for h in full.history] == [h["loss"] for h in again.history]
 
 
