@@ -199,7 +199,7 @@ def test_bad_inputs_end_in_one_error_line_and_leave_nothing(tiny_sd_dir, finishe
     cases = bad_inputs(tmp_path, str(tiny_sd_dir), finished_run)
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     finished_files = {p.name: p.read_bytes() for p in finished_run.iterdir()}
-    assert len(cases) >= 80
+    assert len(cases) >= 85
     for argv, needle in cases:
         code, err = cli(argv, capsys)
         assert_one_error_line(code, err, needle)
