@@ -13,26 +13,23 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lods.config import BACKBONES, KNOB_LABELS, LIVE_KNOBS, RunConfig, check_cfg
 from lods.errors import UserError
-from lods.guidance import DEFAULT_LR, METHODS
-from lods.runs import PRESETS, with_toy_gaussian_cap
-from lods.trainer import BACKBONES, TOY_LEARNED_LR, RunConfig, check_cfg, check_lr
+from lods.guidance import METHODS
+from lods.priors.diffusers_prior import HUB_ID, prior_defaults
+from lods.runs import PRESETS
 
 BUILTIN_PRIORS = ("toy", "sd21")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-APP_METHODS = tuple(m for m in METHODS if m != "dds")  # dds edits an image: `python -m lods edit`
+APP_METHODS = tuple(m for m, cls in METHODS.items() if not cls.edit_only)  # editing: `python -m lods edit`
 CFG_MAX = 10000.0  # the paper uses 1000 in 3D; larger values show the VSD-like limit (floaters)
 MAX_TEXT = 1000
 MAX_SEED = 2**31 - 1
-KNOBS = ("cfg", "scene_lr_scale", "learned_lr")
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def restricted_server(host: str, env: Mapping[str, str] = os.environ) -> bool:
@@ -60,7 +57,7 @@ class ModelPolicy:
         if custom:
             if not self.custom_ids:
                 raise UserError(f"this server only loads the listed models: {', '.join(self.allowed)}")
-            if not _HUB_ID.match(custom) or ".." in custom or Path(custom).exists():
+            if not HUB_ID.match(custom) or ".." in custom or Path(custom).exists():
                 raise UserError(
                     f"'{_clip(custom)}' is not a Hugging Face model id such as stabilityai/stable-diffusion-2-1-base; "
                     "local folders are passed on the command line with --allow-model"
@@ -104,39 +101,34 @@ def _text(value: Any, what: str) -> str:
     return " ".join(value.split())
 
 
-def checked_cfg(value: Any) -> float:
-    """A CFG weight the page accepts: the library's check, then at most ``CFG_MAX``."""
-    cfg = check_cfg(_number(value, "CFG weight"))
-    if cfg > CFG_MAX:
+def page_knob(name: Any, value: Any) -> float:
+    """A number typed or dragged on the page for the live knob ``name``, with the page's one extra limit (a CFG
+    weight of at most ``CFG_MAX``; the Compare tab offers the infinite limit); ``Knobs.replace`` checks the rest."""
+    if name not in LIVE_KNOBS:
+        raise UserError(f"unknown knob {name!r}; the live knobs are {', '.join(LIVE_KNOBS)}")
+    number = _number(value, KNOB_LABELS[name])
+    if name == "cfg" and number > CFG_MAX:
         raise UserError(f"the CFG weight must be between 1 and {CFG_MAX:g}, not {value}")
-    return cfg
+    return number
 
 
-def checked_knob(name: str, value: Any) -> float:
-    """A validated value for the live knob ``name`` (one of ``KNOBS``)."""
-    if name == "cfg":
-        return checked_cfg(value)
-    if name == "scene_lr_scale":
-        return check_lr(_number(value, "scene learning-rate scale"), "scene learning-rate scale")
-    if name == "learned_lr":
-        return check_lr(_number(value, "learned-parameter learning rate"), "learned-parameter learning rate")
-    raise UserError(f"unknown knob {name!r}")
+def checked_cfg(value: Any, method: str | None = None) -> float:
+    """A CFG weight the page accepts for ``method``."""
+    return check_cfg(page_knob("cfg", value), method)
 
 
 def default_learned_lr(method: str, prior: str) -> float:
-    """The learned-parameter rate a run starts with: the toy prior's own, else the method's default."""
-    if prior == "toy" and method in TOY_LEARNED_LR:
-        return TOY_LEARNED_LR[method]
-    return DEFAULT_LR.get(method, 0.0)
+    """The learned-parameter rate a run of ``method`` starts with on ``prior`` (the prior's own declaration)."""
+    return prior_defaults(prior).learned_rate(method) or 0.0
 
 
 def learns_parameters(method: str) -> bool:
     """Whether ``method`` trains parameters of its own (alpha or a LoRA) with a learning rate."""
-    return method in DEFAULT_LR
+    return method in METHODS and METHODS[method].learns is not None
 
 
 def build_run_config(
-    *, prompt: Any, negative_prompt: Any, prior: str, backbone: Any, method: Any, cfg: Any, scene_lr_scale: Any,
+    *, prompt: Any, negative_prompt: Any, prior: str, backbone: Any, method: Any, cfg: Any, lr_scale: Any,
     learned_lr: Any, steps: Any, seed: Any, max_steps: int = 20_000, overrides: Mapping[str, Any] | None = None,
 ) -> RunConfig:
     """A validated ``RunConfig`` from the page's fields, or a one-line ``UserError`` naming the bad one.
@@ -154,10 +146,10 @@ def build_run_config(
     values: dict[str, Any] = {"batch": PRESETS.get(backbone, {}).get("batch", 4), **(overrides or {})}
     values.update(
         prompt=prompt, negative_prompt=negative, prior=prior, backbone=backbone, method=method,
-        cfg=checked_cfg(cfg), lr_scale=checked_knob("scene_lr_scale", scene_lr_scale),
-        learned_lr=checked_knob("learned_lr", learned_lr) if learns_parameters(method) else None,
+        cfg=checked_cfg(cfg, method), lr_scale=page_knob("lr_scale", lr_scale),
+        learned_lr=page_knob("learned_lr", learned_lr) if learns_parameters(method) else None,
         steps=_integer(steps, "number of steps", 1, max_steps), seed=_integer(seed, "seed", 0, MAX_SEED),
     )
-    config = RunConfig.from_dict(with_toy_gaussian_cap(values))
+    config = RunConfig.from_dict(values)
     config.validate()
     return config

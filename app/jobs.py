@@ -8,6 +8,7 @@ a temporary folder of its own, and that folder is the only place its downloads c
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import shutil
@@ -21,12 +22,13 @@ from typing import Any
 
 import torch
 
-from app.config import checked_knob
+from app.config import page_knob
 from lods.compare import Comparison, Slot
-from lods.errors import UserError
+from lods.config import Knobs, RunConfig
+from lods.errors import UserError, one_line
 from lods.priors.base import DiffusionPrior
 from lods.runs import write_run_folder
-from lods.trainer import RunConfig, Snapshot, Trainer, load_prior
+from lods.trainer import Snapshot, Trainer, load_prior, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +92,7 @@ class Job:
 
     def knob(self, name: str) -> Any:
         """The live value of knob ``name`` (the config's before the trainer exists)."""
-        if self.trainer is not None:
-            return getattr(self.trainer.knobs, name)
-        return {"cfg": self.config.cfg, "scene_lr_scale": self.config.lr_scale,
-                "learned_lr": self.config.learned_lr}[name]
+        return getattr(self.trainer.knobs if self.trainer is not None else self.config, name)
 
 
 class JobManager:
@@ -301,6 +300,14 @@ class JobManager:
             except Exception:
                 log.exception("a job listener failed; training goes on")
 
+    @staticmethod
+    def _log_state(job: Job, event: Any) -> None:
+        """A line in the server log when a run starts, pauses or ends (diverged runs say why)."""
+        trainer = event.trainer
+        extra = f": {trainer.message}" if event.status in ("diverged", "failed") and trainer.message else ""
+        log.info("run %d (%s, %s, %r) %s at step %d%s", job.id, trainer.config.method, trainer.config.backbone,
+                 trainer.config.prompt[:60], event.status, event.step, extra)
+
     def _publish(self, snapshot: Snapshot) -> None:
         with self._lock:
             listeners = list(self._listeners)
@@ -311,7 +318,7 @@ class JobManager:
         trainer = None
         try:
             config = job.config
-            device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            device = resolve_device(config.device)
             prior = self._prior(config.prior, device)
             with self._lock:
                 if job.stop_requested:
@@ -320,7 +327,9 @@ class JobManager:
             if job.is_comparison:
                 self._run_comparison(job, prior)
                 return
-            trainer = Trainer(config, prior=prior, on_snapshot=self._publish, out_dir=job.out_dir)
+            trainer = Trainer(config, prior=prior, out_dir=job.out_dir)
+            trainer.subscribe(lambda e: self._publish(e.snapshot) if e.kind == "snapshot" else None)
+            trainer.subscribe(lambda e: self._log_state(job, e) if e.kind == "state" else None)
             with self._lock:
                 listeners = list(self._trainer_listeners)
             self._notify(listeners, trainer)
@@ -402,12 +411,14 @@ class JobManager:
         return job
 
     def set_knobs(self, owner: str, **knobs: Any) -> Job | None:
-        """Change live knobs (cfg, scene_lr_scale, learned_lr) of the owner's active job; None when none is active.
+        """Change live knobs (``lods.config.LIVE_KNOBS``) of the owner's active job; None when none is active.
 
-        Values are checked before the job is touched; the trainer applies them within one step and records
-        them in its ``knob_changes``.
+        Values are checked (the page's limits, then ``Knobs.replace``) before the job is touched; the trainer
+        applies them within one step and records them in its ``knob_changes``; before the trainer exists they
+        go into the job's config.
         """
-        checked = {name: checked_knob(name, value) for name, value in knobs.items()}
+        checked = {name: page_knob(name, value) for name, value in knobs.items()}
+        Knobs(cfg=1.0).replace(None, **checked)  # ranges first: a bad value is refused before anything is touched
         with self._lock:
             job = self._owned_active(owner)
             if job is None:
@@ -415,8 +426,8 @@ class JobManager:
             if job.is_comparison:
                 raise UserError("a comparison keeps the settings it started with; stop it to change them")
             if job.trainer is None:
-                for name, value in checked.items():
-                    setattr(job.config, "lr_scale" if name == "scene_lr_scale" else name, value)
+                Knobs.of(job.config).replace(job.config.method, **checked)  # the same checks as a running trainer's
+                job.config = dataclasses.replace(job.config, **checked)
             else:
                 job.trainer.set_knobs(**checked)
             return job
@@ -507,12 +518,6 @@ def write_results(trainer: Trainer, out_dir: Path, status: str = "done") -> list
     """The run folder's files (``lods.runs.write_run_folder``, the CLI's writer): results, summary, metrics,
     config and checkpoint."""
     return write_run_folder(trainer, out_dir, status)[1]
-
-
-def one_line(err: BaseException, limit: int = 240) -> str:
-    lines = str(err).strip().splitlines()
-    text = lines[0] if lines else type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _remove(folder: Path) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 STEP = re.compile(r"step (\d+) /")
 
 GOOD_RUN = dict(prompt="a red cube", negative_prompt="", prior="toy", custom_model="", backbone="gs",
-                method="lods-embed", cfg=100.0, scene_lr_scale=1.0, learned_lr=3e-3, steps=20_000, seed=0)
+                method="lods-embed", cfg=100.0, lr_scale=1.0, learned_lr=3e-3, steps=20_000, seed=0)
 
 
 def _free_port() -> int:
@@ -116,7 +116,7 @@ def client_sessions(url: str, owner_session: str, clients: int, poll_s: float, k
     """
     import httpx
 
-    latencies: dict[str, list[float]] = {"poll": [], "watch": [], "draw": [], "set_cfg": [], "set_scene_lr": []}
+    latencies: dict[str, list[float]] = {"poll": [], "watch": [], "draw": [], "set_cfg": [], "set_lr_scale": []}
     errors: list[str] = []
     refused = [0]
 
@@ -128,7 +128,7 @@ def client_sessions(url: str, owner_session: str, clients: int, poll_s: float, k
             if i % knob_every == 0:
                 k = i // knob_every
                 calls.append(("set_cfg", (50.0 + (k % 7) * 10,)) if k % 2 else
-                             ("set_scene_lr", (1.0 - 0.1 * (k % 4 == 0),)))
+                             ("set_lr_scale", (1.0 - 0.1 * (k % 4 == 0),)))
             for name, args in calls:  # a draw found necessary by a watch is appended and runs next
                 t0 = time.perf_counter()
                 try:

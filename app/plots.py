@@ -36,8 +36,7 @@ PLOTS = (
              "share of rendered opacity outside the largest connected object (3D backbones)"),
 )
 
-KNOB_LABELS = {"cfg": "CFG", "scene_lr_scale": "scene lr ×", "learned_lr": "learned lr", "t_min": "t min",
-               "t_max": "t max"}
+KNOB_LABELS = {"cfg": "CFG", "lr_scale": "scene lr ×", "learned_lr": "learned lr"}  # short, for plot marks
 KNOB_SERIES = "knob change"
 COLUMNS = ["step", "value", "series", "change"]
 

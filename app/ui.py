@@ -36,6 +36,7 @@ from app.jobs import Job, JobManager, NotOwner, one_line
 from app.plots import PLOTS, metric_frame, placeholder_frame, plot_colors, preview_grid
 from lods.compare import MAX_RUNS, Slot, comparison_configs
 from lods.compare import PRESETS as COMPARE_PRESETS
+from lods.config import KNOB_LABELS
 from lods.errors import UserError
 from lods.runs import PRESETS, alignment_metrics
 
@@ -93,7 +94,7 @@ class Defaults:
     backbone: str = "gs"
     method: str = "lods-embed"
     cfg: float = 100.0
-    scene_lr_scale: float = 1.0
+    lr_scale: float = 1.0
     steps: int = PRESETS["gs"]["steps"]
     seed: int = 0
 
@@ -210,13 +211,13 @@ class Studio:
     # ------------------------------------------------------------------ buttons
 
     def start(self, prompt: Any, negative_prompt: Any, prior: Any, custom_model: Any, backbone: Any, method: Any,
-              cfg: Any, scene_lr_scale: Any, learned_lr: Any, steps: Any, seed: Any,
+              cfg: Any, lr_scale: Any, learned_lr: Any, steps: Any, seed: Any,
               request: gr.Request = None) -> str:
         try:
             name = self.settings.policy.resolve(prior, custom_model)
             config = build_run_config(
                 prompt=prompt, negative_prompt=negative_prompt, prior=name, backbone=backbone, method=method,
-                cfg=cfg, scene_lr_scale=scene_lr_scale, learned_lr=learned_lr, steps=steps, seed=seed,
+                cfg=cfg, lr_scale=lr_scale, learned_lr=learned_lr, steps=steps, seed=seed,
                 max_steps=self.settings.max_steps, overrides=self.settings.run_overrides,
             )
             job = self.manager.start_or_queue(config, owner=self._session(request))
@@ -279,7 +280,7 @@ class Studio:
                 shutil.rmtree(folder, ignore_errors=True)
         d = DEFAULTS
         controls = (d.prompt, d.negative_prompt, self.settings.default_prior, d.custom_model, d.backbone, d.method,
-                    d.cfg, d.scene_lr_scale, gr.update(value=d.learned_lr, interactive=True), d.steps, d.seed)
+                    d.cfg, d.lr_scale, gr.update(value=d.learned_lr, interactive=True), d.steps, d.seed)
         return (*controls, message, *self._cleared(), {"dismissed": dismissed})
 
     # ------------------------------------------------------------------ live knobs
@@ -291,15 +292,13 @@ class Studio:
             return notice(one_line(err), error=True)
         if job is None:
             return ""
-        label = {"cfg": "CFG weight", "scene_lr_scale": "scene learning-rate scale",
-                 "learned_lr": "learned-parameter learning rate"}[name]
-        return notice(f"{label} set to {float(value):g}; it applies from the next step.")
+        return notice(f"{KNOB_LABELS[name]} set to {float(value):g}; it applies from the next step.")
 
     def set_cfg(self, value: Any, request: gr.Request = None) -> str:
         return self._knob("cfg", value, request)
 
-    def set_scene_lr(self, value: Any, request: gr.Request = None) -> str:
-        return self._knob("scene_lr_scale", value, request)
+    def set_lr_scale(self, value: Any, request: gr.Request = None) -> str:
+        return self._knob("lr_scale", value, request)
 
     def set_learned_lr(self, value: Any, request: gr.Request = None) -> str:
         job = self.manager.current()
@@ -370,7 +369,7 @@ class Studio:
                 chosen.append(Slot(str(method), weight))
             base = build_run_config(
                 prompt=prompt, negative_prompt="", prior=name, backbone=backbone,
-                method=chosen[0].method if chosen else "sds", cfg=100.0, scene_lr_scale=1.0,
+                method=chosen[0].method if chosen else "sds", cfg=100.0, lr_scale=1.0,
                 learned_lr=default_learned_lr("lods-embed", name), steps=steps, seed=seed,
                 max_steps=self.settings.max_steps, overrides=self.settings.run_overrides,
             )
@@ -595,7 +594,7 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
                         cfg = gr.Slider(1, CFG_MAX, value=d.cfg, step=0.5, label="CFG weight w", info="live",
                                         elem_id="cfg")
                         with gr.Row():
-                            scene_lr = gr.Slider(0, 10, value=d.scene_lr_scale, step=0.05,
+                            lr_scale = gr.Slider(0, 10, value=d.lr_scale, step=0.05,
                                                  label="Scene learning-rate scale", info="live")
                             learned_lr = gr.Number(value=d.learned_lr, label="Learned-parameter learning rate",
                                                    info="alpha or LoRA step size (live)", elem_id="learned-lr")
@@ -672,7 +671,7 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
                                        interactive=False, elem_id="compare-table")
                 c_files = gr.File(label="Result files", file_count="multiple", interactive=False)
 
-        setup = [prompt, negative, prior, custom, backbone, method, cfg, scene_lr, learned_lr, steps, seed]
+        setup = [prompt, negative, prior, custom, backbone, method, cfg, lr_scale, learned_lr, steps, seed]
         polled = [status, renders, model3d, *plots, files, pause_btn, view]
         quick: dict[str, Any] = {"show_progress": "hidden", "concurrency_limit": None}
         start_btn.click(studio.start, setup, note, api_name="start")
@@ -680,7 +679,7 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
         stop_btn.click(studio.stop, None, note, api_name="stop", **quick)
         reset_btn.click(studio.reset, view, [*setup, note, *polled], api_name="reset")
         cfg.release(on_event_loop(studio.set_cfg), cfg, note, api_name="set_cfg", **quick)
-        scene_lr.release(on_event_loop(studio.set_scene_lr), scene_lr, note, api_name="set_scene_lr", **quick)
+        lr_scale.release(on_event_loop(studio.set_lr_scale), lr_scale, note, api_name="set_lr_scale", **quick)
         gr.on([learned_lr.submit, learned_lr.blur], on_event_loop(studio.set_learned_lr), learned_lr, note,
               api_name="set_learned_lr", **quick)
         gr.on([method.change, prior.change], studio.method_changed, [method, prior], learned_lr,

@@ -13,10 +13,10 @@ import html
 import logging
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 from app.jobs import JobManager
+from lods.trainer import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +56,33 @@ class ViewerLink:
 
 
 def splat_feed(server: Any) -> Any:
-    """A trainer step listener handing the splats to ``server`` at most at its update rate.
-
-    Snapshots (every ``snapshot_every`` steps, with preview renders) are too rare for a live splat
-    view; between them this copies the splats (a few milliseconds for 5,000) only when the viewer can
-    send again, so that throttled steps cost a clock read.
-    """
+    """A trainer subscriber handing the splats to ``server``: every snapshot, and between snapshots (too rare
+    for a live splat view) a copy of the splats after a step (a few milliseconds for 5,000) whenever the
+    viewer can send again, so that throttled steps cost a clock read. The one channel from a trainer to the
+    viewer."""
     state = {"next": 0.0}
 
-    def feed(trainer: Any) -> None:
+    def feed(event: Any) -> None:
+        if event.kind == "snapshot":
+            state["next"] = time.monotonic() + server.min_interval_s
+            server.update(event.snapshot)
+            return
+        if event.kind != "step":
+            return
         now = time.monotonic()
         if now < state["next"]:
             return
         state["next"] = now + server.min_interval_s
-        server.update(SimpleNamespace(step=trainer.step, steps=trainer.config.steps,
-                                      gaussians=trainer.scene.viewer_gaussians()))
+        trainer = event.trainer
+        server.update(Snapshot(step=trainer.step, steps=trainer.config.steps, previews=None, history=[],
+                               knob_changes=[], gaussians=trainer.scene.viewer_gaussians()))
 
     return feed
+
+
+def _snapshots_to(server: Any) -> Any:
+    """A trainer subscriber passing each snapshot to ``server`` (its step and status line)."""
+    return lambda event: server.update(event.snapshot) if event.kind == "snapshot" else None
 
 
 def connect_viewer(manager: JobManager, host: str, port: int, single_port: bool = False) -> ViewerLink | None:
@@ -89,11 +99,9 @@ def connect_viewer(manager: JobManager, host: str, port: int, single_port: bool 
         return None
     def follow(trainer: Any) -> None:
         server.clear()
-        server.set_render_fn(trainer.render_camera if trainer.config.backbone == "nerf" else None)
-        if hasattr(trainer.scene, "viewer_gaussians"):
-            trainer.step_listeners.append(splat_feed(server))
+        server.set_render_fn(trainer.render_camera if trainer.scene.live_view == "render" else None)
+        trainer.subscribe(splat_feed(server) if trainer.scene.live_view == "splats" else _snapshots_to(server))
 
-    manager.add_listener(server.update)
     manager.add_trainer_listener(follow)
     manager.add_reset_listener(server.reset)  # a reset run leaves nothing in the viewer, for new clients too
     return ViewerLink(server=server, single_port=single_port)

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from lods import metrics
+from lods.config import RunConfig
 from lods.export import image_grid, write_png
 from lods.priors.diffusers_prior import DiffusersPrior
 from lods.priors.toy.judge import judge_images, load_judge
 from lods.priors.toy.world import render_captions
-from lods.trainer import RunConfig, Trainer
+from lods.trainer import Trainer
 
 SETTINGS = [("sds", 7.5, None), ("sds", 100.0, None), ("lods-embed", 100.0, 3e-3)]
 

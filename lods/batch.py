@@ -115,11 +115,9 @@ _PRIORS: dict[tuple[str, str], Any] = {}
 def cached_prior(name: str, device: str | None):
     """One loaded prior per (name, device) per process: jobs of a batch share it (estimators detach
     whatever they attach when a run closes)."""
-    import torch
+    from lods.trainer import load_prior, resolve_device
 
-    from lods.trainer import load_prior
-
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     key = (name, str(dev))
     if key not in _PRIORS:
         _PRIORS[key] = load_prior(name, dev)
@@ -129,7 +127,8 @@ def cached_prior(name: str, device: str | None):
 def run_job(job: Job, video: bool = True, after: Callable[[Any, Path], Any] | None = None) -> dict[str, Any]:
     """Run one job in this process (skipped when already done); returns its summary. ``after(trainer, out)``
     is called on the trained scene (rebuilt from its checkpoint when the run was done before)."""
-    from lods.trainer import RunConfig, Trainer
+    from lods.config import RunConfig
+    from lods.trainer import Trainer
 
     out = Path(job.out)
     config = RunConfig.from_dict(dict(job.config))
@@ -264,7 +263,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     args.prompt, args.method, args.negative_prompt, args.command = prompts[0], methods[0], None, "generate"
     base = config_from_args(args)
     base.pop("prompt"), base.pop("method")
-    from lods.trainer import RunConfig
+    from lods.config import RunConfig
 
     RunConfig.from_dict({**base, "prompt": prompts[0], "method": methods[0]}).validate()
     out = prepare_out(args.out)

@@ -80,11 +80,11 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from lods.trainer import load_prior
+    from lods.trainer import load_prior, resolve_device
 
-    prior = load_prior(args.prior, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    if prior.device.type == "cpu" and args.prior == "toy":
-        torch.set_num_threads(1)  # as the trainer does: the toy prior's ops are too small to split
+    prior = load_prior(args.prior, resolve_device(None))
+    if prior.device.type == "cpu" and prior.defaults.cpu_threads:
+        torch.set_num_threads(prior.defaults.cpu_threads)  # as the trainer does
     rows = bench_guidance(prior, steps=args.steps or 5)
     unet_ms = bench_unet_forward(prior)
     print(format_table(rows))

@@ -14,9 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from lods.config import RunConfig, cfg_label
 from lods.errors import UserError
 from lods.priors.base import DiffusionPrior
-from lods.trainer import RunConfig, Snapshot, Trainer
+from lods.trainer import Snapshot, Trainer
 
 MIN_RUNS, MAX_RUNS = 2, 4
 
@@ -30,8 +31,7 @@ class Slot:
 
     @property
     def label(self) -> str:
-        w = "∞" if math.isinf(self.cfg) else f"{self.cfg:g}"
-        return f"{self.method} · CFG {w}"
+        return f"{self.method} · {cfg_label(self.cfg)}"
 
 
 PRESETS: dict[str, list[Slot]] = {
@@ -68,8 +68,10 @@ class Comparison:
         self.trainers: list[Trainer] = []
         try:
             for i, config in enumerate(configs):
-                callback = (lambda snap, i=i: on_snapshot(i, snap)) if on_snapshot else None
-                self.trainers.append(Trainer(config, prior=prior, on_snapshot=callback))
+                trainer = Trainer(config, prior=prior)
+                if on_snapshot is not None:
+                    trainer.subscribe(lambda e, i=i: on_snapshot(i, e.snapshot) if e.kind == "snapshot" else None)
+                self.trainers.append(trainer)
         except BaseException:
             self.close()
             raise

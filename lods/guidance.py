@@ -219,8 +219,14 @@ _ADAPTER_IDS = itertools.count()
 class Estimator:
     """The theta step shared by every method: draw t and eps, ask ``direction``, weight, guard, clip."""
 
-    method = ""
+    # What the trainer, the page, the CLI help, batch and the benchmarks read instead of asking what a method is:
+    method = ""  # the name on the command line and in config files
+    label = ""  # the name on the page and in tables
+    learns: str | None = None  # what it learns alongside the scene (None: nothing, no learned-parameter rate)
     finite_cfg_only = False  # True where an infinite CFG weight makes the direction diverge
+    edit_only = False  # True for methods that need a source image and caption (``python -m lods edit``)
+    learns_null_condition = False  # True where the learned parameters replace the null condition (LODS): when
+    # editing, that condition starts at the source caption (section 3.5)
 
     def __init__(self, prior: DiffusionPrior, config: GuidanceConfig | None = None):
         self.prior = prior
@@ -296,6 +302,10 @@ class Estimator:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
 
+    def statistics(self) -> dict[str, float]:
+        """The estimator's own per-step statistics beyond those of ``step`` and ``update`` (logged as they are)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -311,6 +321,7 @@ class Sds(Estimator):
     """DreamFusion's SDS (Eq. 3) with CFG as Eq. 2."""
 
     method = "sds"
+    label = "SDS"
     finite_cfg_only = True
 
     def cfg_at(self, cfg: float, step: int) -> float:
@@ -328,6 +339,7 @@ class CfgAnneal(Sds):
     """SDS whose CFG weight decreases linearly from ``cfg`` to ``config.cfg_end`` (section 3.3's baseline)."""
 
     method = "cfg-anneal"
+    label = "CFG-anneal"
 
     def cfg_at(self, cfg: float, step: int) -> float:
         return annealed_cfg(super().cfg_at(cfg, step), self.config.cfg_end, step, self.config.anneal_steps)
@@ -337,6 +349,7 @@ class SdsRef(Estimator):
     """The reference SDS (Eq. 6): the conditional prediction only, one UNet pass, ``cfg`` ignored."""
 
     method = "sds-ref"
+    label = "SDS-ref"
 
     def direction(self, z_t, noise, t, text_emb, null_emb, cfg, step, cameras):
         return sds_ref_direction(self._eps(z_t, t, text_emb), noise), {"cfg": 1.0}
@@ -346,6 +359,7 @@ class SdsNorm(Estimator):
     """The normalized SDS (Eq. 7) with the null embedding frozen: Eq. 3 divided by w."""
 
     method = "sds-norm"
+    label = "SDS-norm"
 
     def direction(self, z_t, noise, t, text_emb, null_emb, cfg, step, cameras):
         eps_c, eps_u = self._pair(z_t, t, text_emb, null_emb)
@@ -431,6 +445,9 @@ class LodsEmbed(_Learner):
     """
 
     method = "lods-embed"
+    label = "LODS-embed"
+    learns = "the null embedding alpha"
+    learns_null_condition = True
 
     def __init__(self, prior: DiffusionPrior, config: GuidanceConfig | None = None):
         super().__init__(prior, config)
@@ -472,6 +489,12 @@ class LodsEmbed(_Learner):
         drift = (self.alpha.detach() - self.alpha_init).norm().item()
         return {"update_loss": loss, "alpha_drift": drift, **self._counts(n)}
 
+    def statistics(self) -> dict[str, float]:
+        """``embedding_distance``: ||alpha - alpha_0|| / ||alpha_0||, how far the learned null embedding moved."""
+        if self.alpha is None:
+            return {}
+        return {"embedding_distance": float((self.alpha.detach() - self.alpha_init).norm() / self.alpha_init.norm())}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
@@ -495,6 +518,9 @@ class LodsLora(_Learner):
     """
 
     method = "lods-lora"
+    label = "LODS-LoRA"
+    learns = "LoRA parameters psi"
+    learns_null_condition = True
 
     def __init__(self, prior: DiffusionPrior, config: GuidanceConfig | None = None):
         super().__init__(prior, config)
@@ -539,6 +565,8 @@ class Vsd(_Learner):
     """
 
     method = "vsd"
+    label = "VSD"
+    learns = "a camera-conditioned LoRA"
     finite_cfg_only = True
 
     def __init__(self, prior: DiffusionPrior, config: GuidanceConfig | None = None):
@@ -582,7 +610,9 @@ class Dds(Estimator):
     """
 
     method = "dds"
+    label = "DDS"
     finite_cfg_only = True
+    edit_only = True
 
     def __init__(self, prior: DiffusionPrior, config: GuidanceConfig | None = None):
         super().__init__(prior, config)
@@ -609,6 +639,11 @@ class Dds(Estimator):
 METHODS: dict[str, type[Estimator]] = {
     cls.method: cls for cls in (Sds, SdsRef, SdsNorm, LodsEmbed, LodsLora, Vsd, CfgAnneal, Dds)
 }
+
+
+def default_lr(method: str) -> float | None:
+    """The learned-parameter rate of ``method`` on a real prior (``DEFAULT_LR``); None when it learns nothing."""
+    return DEFAULT_LR.get(method) if METHODS[method].learns else None
 
 
 def make_estimator(

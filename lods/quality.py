@@ -370,10 +370,10 @@ def lr_table(rows: list[dict[str, Any]]) -> list[str]:
     if not sweep:
         return []
     cells = {(r["prompt"], r["seed"]) for r in sweep}
-    from lods.trainer import TOY_LEARNED_LR
+    from lods.priors.diffusers_prior import prior_defaults
 
     default = [r for r in rows if r["variant"] == "LODS-embed 100" and (r["prompt"], r["seed"]) in cells]
-    groups = [(f"{TOY_LEARNED_LR['lods-embed']:g} (default)", default)]
+    groups = [(f"{prior_defaults('toy').learned_rate('lods-embed'):g} (default)", default)]
     groups += [(f"{v.learned_lr:g}", [r for r in sweep if r["variant"] == v.label]) for v in LR_SWEEP]
     lines = ["", f"Embedding learning rate (LODS-embed, CFG 100) on {len({p for p, _ in cells})} prompt(s): "
              + ", ".join(sorted({p for p, _ in cells})), "",

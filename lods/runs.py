@@ -24,14 +24,12 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from lods import checkpoint, export
-from lods.cameras import turntable
+from lods import checkpoint
+from lods.config import RunConfig
 from lods.errors import UserError
 from lods.export import atomic_path
-from lods.scenes.image import ImageScene
-from lods.trainer import RunConfig, Trainer, write_config
+from lods.trainer import Trainer, load_prior, resolve_device, write_config
 
-TOY_MAX_GAUSSIANS = 5000
 PRESETS = {
     # Defaults per backbone on the embedded prior (CPU-friendly); YAML files in examples/ override them.
     "gs": {"steps": 600, "batch": 2},
@@ -99,16 +97,6 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
             cfg["lr_scale"] = args.lr
     for k, v in PRESETS.get(backbone, {}).items():
         cfg.setdefault(k, v)
-    return with_toy_gaussian_cap(cfg)
-
-
-def with_toy_gaussian_cap(cfg: dict) -> dict:
-    """A Gaussian-splat run on the toy prior densifies up to ``TOY_MAX_GAUSSIANS`` unless told otherwise.
-
-    64x64 renders need few splats: the cap keeps CPU runs above 5 it/s (uncapped they grow to about
-    19,000 splats and slow to 3 it/s) and keeps the live viewer's splat messages small."""
-    if cfg.get("backbone", "gs") == "gs" and cfg.get("prior", "toy") == "toy":
-        cfg["gaussians"] = {"max_points": TOY_MAX_GAUSSIANS, **(cfg.get("gaussians") or {})}
     return cfg
 
 
@@ -155,10 +143,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     out = prepare_out(args.out)
     init_image = None
     if args.command == "edit":
-        from lods.trainer import load_prior
-
-        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        prior = load_prior(config.prior, device)
+        prior = load_prior(config.prior, resolve_device(config.device))
         init_image = load_image(args.image, prior.image_size)
         trainer = Trainer(config, prior=prior, out_dir=out, init_image=init_image)
     else:
@@ -248,51 +233,22 @@ def _json_default(v: Any) -> Any:
 
 @torch.no_grad()
 def export_results(trainer: Trainer, out: Path, views: int = 8, video_frames: int = 60) -> dict[str, Any]:
-    """Write the result files of a run; returns their names and the final metrics."""
-    from lods import metrics
-
-    files: dict[str, Any] = {}
-    scene = trainer.scene
-    if isinstance(scene, ImageScene):
-        image = scene.image(trainer.prior).cpu()
-        export.write_png(out / "image.png", export.to_uint8_frames(image)[0])
-        files["image"] = "image.png"
-        cs = metrics.color_stats(image, metrics.foreground_mask(image))
-        files["metrics"] = {k: cs[k] for k in ("saturation", "value", "clipped")}
-        return files
-    size = trainer.resolution
-    grid_out = trainer.render_views(turntable(views, size))
-    export.write_png(out / "views.png", export.image_grid(grid_out.rgb.float().cpu(), cols=views))
-    files["views"] = "views.png"
-    if video_frames:
-        frames = trainer.render_views(turntable(video_frames, size * 2)).rgb.float().cpu()
-        export.write_video(out / "turntable.mp4", export.to_uint8_frames(frames), fps=24)
-        files["video"] = "turntable.mp4"
-    if hasattr(scene, "to_ply_attributes"):
-        export.write_gaussians_ply(out / "scene.ply", **scene.to_ply_attributes())
-        files["scene"] = "scene.ply"
-    if trainer.config.backbone == "nerf":
-        from lods.scenes.nerf import extract_mesh
-
-        v, f, c = extract_mesh(scene)
-        export.write_mesh_glb(out / "mesh.glb", v, f, c)
-        files["mesh"] = "mesh.glb"
-    rgb, alpha = grid_out.rgb.float().cpu(), grid_out.alpha.float().cpu()
-    cs = metrics.color_stats(rgb, alpha[:, 0] > 0.5)
-    files["metrics"] = {
-        "saturation": cs["saturation"],
-        "value": cs["value"],
-        "clipped": cs["clipped"],
-        "floater_score": metrics.floater_score(alpha),
-    }
-    files["metrics"].update(alignment_metrics(trainer.config.prompt, trainer.config.prior, rgb))
-    return files
+    """Write the result files of a run (``Scene.export``); returns their names and, under ``metrics``, the
+    final metrics with the prompt's alignment."""
+    files, final, images = trainer.scene.export(out, trainer.prior, trainer.resolution, trainer.background,
+                                                views=views, video_frames=video_frames)
+    if trainer.scene.live_view is not None:  # a 3D scene: its views are judged against the prompt
+        final.update(alignment_metrics(trainer.config.prompt, trainer.config.prior, images))
+    return {**files, "metrics": final}
 
 
 def alignment_metrics(prompt: str, prior: str, images: torch.Tensor) -> dict[str, float]:
-    """The toy judge's verdict over the views, when the prompt is a toy-world caption; on other priors the
-    CLIP score when local open_clip weights are configured (``lods.clip_score``), else nothing."""
-    if prior != "toy":
+    """The toy judge's verdict over the views, when the prior ships a judge (the toy prior) and the prompt is a
+    caption of its world; on other priors the CLIP score when local open_clip weights are configured
+    (``lods.clip_score``), else nothing."""
+    from lods.priors.diffusers_prior import judge_path
+
+    if judge_path(prior) is None:
         from lods.clip_score import clip_scorer
 
         scorer = clip_scorer()

@@ -68,15 +68,16 @@ def measure_config(
     prior, backbone: str, method: str, steps: int = 20, warmup: int = 3, seed: int = 0, prior_name: str = "toy"
 ) -> dict[str, Any]:
     """Train ``warmup + steps`` steps of one configuration and time the last ``steps`` by phase."""
-    from lods.trainer import RunConfig, Trainer
+    from lods.config import RunConfig
+    from lods.trainer import Trainer
 
     config = RunConfig(
         prompt="a red cube", prior=prior_name, backbone=backbone,
         method=method, cfg=7.5 if method == "vsd" else 100.0, steps=warmup + steps, seed=seed,
         device=str(prior.device), batch=BACKBONE_BATCH[backbone], snapshot_every=10, checkpoint_every=0,
-        source_prompt="a blue cube" if method == "dds" else None,
+        source_prompt="a blue cube" if METHODS[method].edit_only else None,
     )
-    init = torch.rand(1, 3, prior.image_size, prior.image_size) if method == "dds" else None
+    init = torch.rand(1, 3, prior.image_size, prior.image_size) if METHODS[method].edit_only else None
     trainer = Trainer(config, prior=prior, init_image=init)
     timer = trainer.timer
     timer.watch_unet(prior.unet)
@@ -145,7 +146,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from lods.trainer import load_prior
+    from lods.trainer import load_prior, resolve_device
 
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     bad = [b for b in backbones if b not in BACKBONE_BATCH]
@@ -158,11 +159,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     steps = args.steps or 20
     if steps < 1:
         raise UserError("--steps must be at least 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available")
     prior = load_prior(args.prior, device)
-    configs = [(b, m) for b in backbones for m in methods if m != "dds" or b == "image"]
+    configs = [(b, m) for b in backbones for m in methods if not METHODS[m].edit_only or b == "image"]
     rows = []
     for backbone, method in tqdm(configs, desc="bench speed", unit="config"):
         rows.append(measure_config(prior, backbone, method, steps=steps, prior_name=args.prior))

@@ -26,7 +26,7 @@ TABLE_COLUMNS = ("method", "cfg", "alignment", "saturation", "value", "clipped",
 
 def parse_cfg_list(text: str) -> list[float]:
     """``"7.5,30,100,1000,inf"`` -> floats; every value must be a valid CFG weight (>= 1, inf allowed)."""
-    from lods.trainer import check_cfg
+    from lods.config import check_cfg
 
     values = []
     for item in text.split(","):
@@ -102,16 +102,15 @@ def write_outputs(jobs: list[Job], methods: list[str], cfgs: list[float], out: P
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from lods.runs import config_from_args
-    from lods.trainer import RunConfig
+    from lods.config import RunConfig
+    from lods.runs import config_from_args, prepare_out
 
     cfgs = parse_cfg_list(args.cfg)
     methods = parse_methods(args.methods, default="lods-embed")
     args.method, args.command, args.cfg = methods[0], "generate", cfgs[0]
     base = config_from_args(args)
     RunConfig.from_dict(dict(base)).validate()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out(args.out)
     jobs = sweep_jobs(base, methods, cfgs, out)
     todo = []
     for job in jobs:

@@ -1,234 +1,47 @@
 """Algorithm 1 as a loop that a UI can steer while it runs.
 
-The trainer owns every live tensor. Other threads talk to it through two small objects guarded by
-one lock: :class:`Knobs` (CFG weight, learning rates, timestep range, pause/stop; read once per
-step) and the latest :class:`Snapshot` (a CPU copy of the renders, the scene and the statistics,
-published every ``snapshot_every`` steps). Checkpoints (safetensors + JSON, never
-unpickled; :mod:`lods.checkpoint`) are written atomically every ``checkpoint_every`` steps and at
-the end, only from a state that passed the divergence guard, and the one before is kept; resuming
-from one continues exactly (the same parameters as an uninterrupted run with the same seed).
+The trainer owns every live tensor. Other threads talk to it in two ways, both cheap:
+
+* in: :class:`~lods.config.Knobs` (CFG weight, learning rates, pause/stop), changed only through
+  :meth:`Trainer.set_knobs`, which validates and records every change, and read once per step;
+* out: one event channel (:meth:`Trainer.subscribe`): a ``"step"`` event after every step (the progress
+  bar, the live splat feed), a ``"snapshot"`` event with a CPU copy of the previews, the splats and the
+  statistics every ``snapshot_every`` steps (the page, the viewer), a ``"state"`` event when the run
+  starts, pauses, resumes or ends.
+
+Two locks: ``lock`` guards the knobs and the published snapshot (held for microseconds); ``scene_lock``
+guards the live scene, held by a training step and by renders for a viewer (``render_camera``).
+
+Checkpoints (safetensors + JSON, never unpickled; :mod:`lods.checkpoint`) are written atomically every
+``checkpoint_every`` steps and at the end, only from a state that passed the divergence guard, and the
+one before is kept; resuming from one continues exactly (the same parameters as an uninterrupted run
+with the same seed).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import random
-import re
 import threading
 import time
-import types
-import typing
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lods import checkpoint, metrics
-from lods.cameras import CameraRange, Cameras, sample_cameras, turntable, view_suffix
+from lods import checkpoint
+from lods.cameras import Cameras, sample_cameras, turntable, view_suffix
+from lods.config import LIVE_KNOBS, Knobs, RunConfig, check_resumable
 from lods.errors import UserError
 from lods.export import atomic_path
-from lods.guidance import METHODS, Dds, LodsEmbed, make_estimator
+from lods.guidance import make_estimator
 from lods.priors.base import DiffusionPrior
 from lods.profiling import PhaseTimer
 from lods.scenes.base import RenderOutput, Scene
-from lods.scenes.image import ImageConfig, ImageScene
-
-BACKBONES = ("gs", "nerf", "image")
-# On the small toy prior the paper's SD rates (1e-4 embedding, 5e-7 LoRA) barely move in a few hundred steps.
-TOY_LEARNED_LR = {"lods-embed": 3e-3, "lods-lora": 1e-4}
-
-
-@dataclass
-class RunConfig:
-    """Everything a run needs; the same keys in YAML, on the command line and in the app."""
-
-    prompt: str = "a red cube"
-    negative_prompt: str = ""
-    source_prompt: str | None = None  # editing: the caption of the input image
-    prior: str = "toy"
-    backbone: str = "gs"
-    method: str = "lods-embed"
-    cfg: float = 100.0
-    steps: int = 600
-    seed: int = 0
-    device: str | None = None
-    threads: int | None = None  # CPU threads for torch; None: 1 with the toy prior (its ops are too small to split)
-    batch: int = 4  # views per step
-    resolution: int | None = None  # render size; None: the prior's native size
-    lr: dict[str, float] = field(default_factory=dict)  # scene learning rates by group name (empty: defaults)
-    lr_scale: float = 1.0  # multiplies every scene learning rate (a live knob)
-    learned_lr: float | None = None  # alpha / LoRA learning rate (None: the method's default)
-    view_prompts: bool | None = None  # append "front view" etc.; None: on for real priors, off for the toy prior
-    background: str = "white"  # behind the renders while training: white, random, or scene (the scene's own)
-    log_every: int = 1
-    snapshot_every: int = 10
-    checkpoint_every: int = 200
-    preview_views: int = 4
-    max_grad_norm_jump: float = 1e4  # divergence guard: stop when the scene's grad norm exceeds this x its median
-    guidance: dict[str, Any] = field(default_factory=dict)  # GuidanceConfig fields
-    gaussians: dict[str, Any] = field(default_factory=dict)  # GaussianConfig fields
-    nerf: dict[str, Any] = field(default_factory=dict)  # NerfConfig fields
-    image: dict[str, Any] = field(default_factory=dict)  # ImageConfig fields
-    camera: dict[str, Any] = field(default_factory=dict)  # CameraRange fields
-
-    @classmethod
-    def from_dict(cls, d: Any) -> RunConfig:
-        """From plain values (YAML, ``--set``); a ``UserError`` naming the dotted key of any unknown key or
-        any value of the wrong type, including inside the scene, guidance and camera sections."""
-        if not isinstance(d, dict):
-            raise UserError(f"a config must be a mapping of keys to values, not {type(d).__name__}")
-        check_fields(cls, d)
-        for name, section in _sections().items():
-            if d.get(name):
-                check_fields(section, d[name], prefix=f"{name}.")
-        return cls(**d)
-
-    def validate(self) -> None:
-        """A one-line ``UserError`` for anything a run cannot start with."""
-        if not self.prompt or not self.prompt.strip():
-            raise UserError("the prompt is empty")
-        if len(self.prompt) > 1000:
-            raise UserError("the prompt is longer than 1000 characters")
-        if self.backbone not in BACKBONES:
-            raise UserError(f"unknown backbone {self.backbone!r}; choose one of: {', '.join(BACKBONES)}")
-        if self.method not in METHODS:
-            raise UserError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
-        check_cfg(self.cfg)
-        if math.isinf(self.cfg) and METHODS[self.method].finite_cfg_only:
-            raise UserError(f"{self.method} diverges at an infinite CFG weight; use a finite one, or sds-norm / "
-                            "lods-embed / lods-lora for the infinite limit")
-        if not DEVICE_RE.fullmatch(self.device or "cpu"):
-            raise UserError(f"unknown device {self.device!r}; use cpu or cuda (cuda:N for one of several GPUs)")
-        if (self.device or "").startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {self.device} was asked for but CUDA is not available; use --device cpu")
-        for name, low, high in _RANGES:
-            value = getattr(self, name)
-            if value is not None and not low <= value <= high:
-                raise UserError(f"{name} must be between {low:,} and {high:,}, not {value}")
-        if self.resolution is not None and self.resolution % 8:
-            raise UserError(f"resolution must be a multiple of 8, not {self.resolution}")
-        if self.background not in ("white", "random", "scene"):
-            raise UserError(f"background must be white, random or scene (the scene's own), not {self.background!r}")
-        if not self.max_grad_norm_jump > 1:
-            raise UserError(f"max_grad_norm_jump must be a number above 1, not {self.max_grad_norm_jump}")
-        for name, value in self.lr.items():
-            check_lr(value, f"learning rate of {name}")
-        check_lr(self.lr_scale, "scene learning-rate scale")
-        if self.learned_lr is not None:
-            check_lr(self.learned_lr, "learned-parameter learning rate")
-        if self.method == "dds" and self.source_prompt is None:
-            raise UserError("dds is an editing method: use `python -m lods edit`")
-        if self.source_prompt is not None and self.backbone != "image":
-            raise UserError("editing works on images: use --backbone image")
-
-
-DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?")
-_RANGES = (  # (field, lowest, highest) of the integer settings
-    ("steps", 1, 10_000_000),
-    ("seed", 0, 2**32 - 1),
-    ("batch", 1, 64),
-    ("threads", 1, 1024),
-    ("resolution", 16, 4096),
-    ("log_every", 1, 1_000_000),
-    ("snapshot_every", 1, 1_000_000),
-    ("checkpoint_every", 0, 10_000_000),
-    ("preview_views", 1, 16),
-)
-
-
-def _sections() -> dict[str, type]:
-    from lods.guidance import GuidanceConfig
-    from lods.scenes.gaussians import GaussianConfig
-    from lods.scenes.nerf import NerfConfig
-
-    return {"guidance": GuidanceConfig, "gaussians": GaussianConfig, "nerf": NerfConfig, "image": ImageConfig,
-            "camera": CameraRange}
-
-
-def check_fields(cls: type, d: Any, prefix: str = "") -> None:
-    """A ``UserError`` for keys of ``d`` that are not fields of dataclass ``cls`` or values of the wrong type.
-
-    Nested dataclass fields (a guidance section's ``schedule``, a NeRF's ``grid``) are checked in turn."""
-    if not isinstance(d, dict):
-        raise UserError(f"{prefix.rstrip('.') or 'the config'} must be a mapping of keys to values, not {d!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    for key, value in d.items():
-        if key not in names:
-            raise UserError(f"unknown config key {prefix}{key}; known keys here: {', '.join(sorted(names))}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, hint):
-                check_fields(hint, value, prefix=f"{prefix}{key}.")
-        elif not _fits(value, hint):
-            raise UserError(f"{prefix}{key} must be {_describe(hint)}, not {value!r}")
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin is dict:
-        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
-    if origin is tuple:
-        return (isinstance(value, (list, tuple)) and len(value) == len(args)
-                and all(_fits(v, a) for v, a in zip(value, args)))
-    return True  # a type this checker does not know: the section's own constructor checks it
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is dict:
-        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
-    if origin is tuple:
-        return f"a list of {len(args)} numbers"
-    return {int: "a whole number", float: "a number", str: "text", bool: "true or false", type(None): "empty (null)"
-            }.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def check_cfg(value: float) -> float:
-    """CFG weight: a number >= 1 (inf allowed: the VSD-like limit)."""
-    if not isinstance(value, (int, float)) or math.isnan(value) or value < 1:
-        raise UserError(f"the CFG weight must be a number >= 1 (inf allowed), not {value}")
-    return float(value)
-
-
-def check_lr(value: float, what: str = "learning rate") -> float:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or value > 10:
-        raise UserError(f"the {what} must be a finite number between 0 and 10, not {value}")
-    return float(value)
-
-
-@dataclass
-class Knobs:
-    """What may change while a run trains. Read once per step, under the trainer's lock."""
-
-    cfg: float
-    scene_lr_scale: float = 1.0  # multiplies every scene learning rate
-    learned_lr: float | None = None
-    t_min: float | None = None  # fractions of T; None keeps the schedule
-    t_max: float | None = None
-    paused: bool = False
-    stop: bool = False
 
 
 @dataclass
@@ -237,13 +50,30 @@ class Snapshot:
 
     step: int
     steps: int
-    previews: torch.Tensor  # (V, 3, H, W) renders from fixed cameras
+    previews: torch.Tensor | None  # (V, 3, H, W) renders from fixed cameras; None in a splats-only update
     history: list[dict[str, float]]
     knob_changes: list[dict[str, Any]]
     gaussians: dict[str, np.ndarray] | None = None  # means, covariances, rgbs, opacities for the viewer
     it_per_s: float = 0.0
     status: str = "running"
     message: str = ""
+
+
+@dataclass
+class TrainerEvent:
+    """What the trainer tells its subscribers (in the training thread; keep handlers short)."""
+
+    kind: str  # "step", "snapshot" or "state"
+    trainer: Trainer
+    step: int
+    stats: dict[str, float] | None = None  # "step": the step's statistics
+    snapshot: Snapshot | None = None  # "snapshot": the published copy
+    status: str = ""  # "state": ready, running, paused, done, stopped, diverged or failed
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device a run uses: the one asked for, else CUDA when available, else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 class Trainer:
@@ -254,23 +84,16 @@ class Trainer:
         config: RunConfig,
         prior: DiffusionPrior | None = None,
         out_dir: str | Path | None = None,
-        on_snapshot: Callable[[Snapshot], None] | None = None,
         init_image: torch.Tensor | None = None,
     ) -> None:
         config.validate()
         self.config = config
         self.out_dir = Path(out_dir) if out_dir else None
-        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
-        if self.device.type == "cpu" and (config.threads or config.prior == "toy"):
-            # Measured on 2 cores: the toy prior's UNet forward takes 23 ms on 1 thread and 36 ms on 2.
-            torch.set_num_threads(config.threads or 1)
-        self.on_snapshot = on_snapshot
-        self.step_listeners: list[Callable[[Trainer], None]] = []  # called in the training thread after each step
+        self.device = resolve_device(config.device)
         self.lock = threading.Lock()  # guards knobs and the published snapshot (held for microseconds)
         self.scene_lock = threading.Lock()  # guards the live scene: held by a training step and by renders
-        self.knobs = Knobs(cfg=config.cfg, scene_lr_scale=config.lr_scale, learned_lr=config.learned_lr)
+        self._subscribers: list[Callable[[TrainerEvent], None]] = []
+        self.knobs = Knobs.of(config)
         self.knob_changes: list[dict[str, Any]] = []
         self.history: list[dict[str, float]] = []
         self.snapshot: Snapshot | None = None
@@ -285,38 +108,44 @@ class Trainer:
         np.random.seed(config.seed)
         self.camera_gen = torch.Generator().manual_seed(config.seed)
         self.prior = prior or load_prior(config.prior, self.device)
+        # What the config leaves to the prior (None), resolved once; config.yaml records the result.
+        defaults = self.prior.defaults
+        threads = config.threads or defaults.cpu_threads
+        if self.device.type == "cpu" and threads:
+            torch.set_num_threads(threads)
         self.resolution = config.resolution or self.prior.image_size
-        self.camera_range = CameraRange(**config.camera)
+        self.view_prompts = config.view_prompts if config.view_prompts is not None else defaults.view_prompts
+        gaussians = config.gaussians
+        if gaussians.max_points is None:
+            gaussians = dataclasses.replace(gaussians, max_points=defaults.max_gaussians)
+        learned_lr = config.learned_lr if config.learned_lr is not None else defaults.learned_rate(config.method)
+        guidance = config.guidance if learned_lr is None else dataclasses.replace(config.guidance, lr=learned_lr)
+        self._resolved = dict(device=str(self.device), resolution=self.resolution, view_prompts=self.view_prompts,
+                              gaussians=gaussians, guidance=guidance)
+
         init = None
         if init_image is not None:
             with torch.no_grad():
                 image = init_image.to(self.device, torch.float32)
-                init = (
-                    self.prior.encode_images(image).float() if ImageConfig(**config.image).space == "latent" else image
-                )
-        self.scene = build_scene(config, self.prior, self.device, torch.Generator().manual_seed(config.seed), init)
+                init = self.prior.encode_images(image).float() if config.image.space == "latent" else image
+        self.scene = build_scene(dataclasses.replace(config, gaussians=gaussians), self.prior, self.device,
+                                 torch.Generator().manual_seed(config.seed), init)
         self.optimizer = torch.optim.Adam(self.scene.param_groups(config.lr), eps=1e-15)
         self.base_lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
-        guidance = dict(config.guidance)
-        if config.learned_lr is not None:
-            guidance["lr"] = config.learned_lr
-        elif config.prior == "toy" and config.method in TOY_LEARNED_LR:
-            guidance["lr"] = TOY_LEARNED_LR[config.method]
         try:
             self.estimator = make_estimator(config.method, self.prior, guidance)
         except ValueError as err:
             raise UserError(str(err)) from err
-        self.view_prompts = config.view_prompts if config.view_prompts is not None else config.prior != "toy"
         with torch.no_grad():
             self.null_emb = self.prior.encode_text([config.negative_prompt])
             self._text_cache: dict[str, torch.Tensor] = {}
             if config.source_prompt is not None:
                 source_emb = self.prior.encode_text([config.source_prompt])
-                if isinstance(self.estimator, Dds):
+                if self.estimator.edit_only:
                     if init_image is None:
-                        raise UserError("dds needs the source image")
+                        raise UserError(f"{config.method} needs the source image")
                     self.estimator.set_source(self.prior.encode_images(init_image.to(self.device).float()), source_emb)
-                elif config.method in ("lods-embed", "lods-lora"):
+                elif self.estimator.learns_null_condition:
                     # Section 3.5: when editing, the learned null condition starts at the source caption.
                     self.null_emb = source_emb
         self.preview_cameras = turntable(config.preview_views, self.resolution)
@@ -326,34 +155,40 @@ class Trainer:
         self._rate_step = 0
         self._rate = 0.0
 
-    # ------------------------------------------------------------------ knobs (any thread)
+    # ------------------------------------------------------------------ events out (any thread subscribes)
 
-    def set_knobs(self, **changes: Any) -> None:
-        """Change live knobs; applied at the start of the next step and recorded for the plots."""
-        if "cfg" in changes:
-            changes["cfg"] = check_cfg(changes["cfg"])
-            if math.isinf(changes["cfg"]) and self.estimator.finite_cfg_only:
-                raise UserError(f"{self.config.method} diverges at an infinite CFG weight; the run keeps its weight")
-        if "scene_lr_scale" in changes:
-            changes["scene_lr_scale"] = check_lr(changes["scene_lr_scale"], "scene learning-rate scale")
-        if changes.get("learned_lr") is not None:
-            changes["learned_lr"] = check_lr(changes["learned_lr"], "learned-parameter learning rate")
-        for key in ("t_min", "t_max"):
-            if changes.get(key) is not None and not 0 <= changes[key] <= 1:
-                raise UserError(f"{key} must be a fraction between 0 and 1")
+    def subscribe(self, handler: Callable[[TrainerEvent], None]) -> None:
+        """``handler(event)`` runs in the training thread for every step, snapshot and state change."""
         with self.lock:
-            for key, value in changes.items():
-                if not hasattr(self.knobs, key):
-                    raise UserError(f"unknown knob {key!r}")
-                old = getattr(self.knobs, key)
-                if old != value:
-                    setattr(self.knobs, key, value)
-                    if key not in ("paused", "stop"):
-                        self.knob_changes.append({"step": self.step, "knob": key, "old": old, "new": value})
-        if "paused" in changes:
-            (self._resume_event.clear if changes["paused"] else self._resume_event.set)()
-        if changes.get("stop"):
+            self._subscribers.append(handler)
+
+    def _emit(self, kind: str, **fields: Any) -> None:
+        with self.lock:
+            handlers = list(self._subscribers)
+        if handlers:
+            event = TrainerEvent(kind=kind, trainer=self, step=self.step, **fields)
+            for handler in handlers:
+                handler(event)
+
+    # ------------------------------------------------------------------ knobs in (any thread)
+
+    def set_knobs(self, **changes: Any) -> Knobs:
+        """Change live knobs (``LIVE_KNOBS``, ``paused``, ``stop``): validated by ``Knobs.replace``, applied at the
+        start of the next step, and the changes of ``LIVE_KNOBS`` recorded for the plots and summary.json."""
+        with self.lock:
+            old = self.knobs
+            new = old.replace(self.config.method, **changes)
+            for name in [k for k in changes if k in LIVE_KNOBS]:  # in the order given
+                if getattr(new, name) != getattr(old, name):
+                    self.knob_changes.append(
+                        {"step": self.step, "knob": name, "old": getattr(old, name), "new": getattr(new, name)})
+            self.knobs = new
+        if new.paused != old.paused:
+            (self._resume_event.clear if new.paused else self._resume_event.set)()
+            self._emit("state", status="paused" if new.paused else self.status)
+        if new.stop:
             self._resume_event.set()
+        return new
 
     def pause(self) -> None:
         self.set_knobs(paused=True)
@@ -387,39 +222,26 @@ class Trainer:
 
     def _apply_knobs(self, knobs: Knobs) -> None:
         for g in self.optimizer.param_groups:
-            g["lr"] = self.base_lrs.get(g["name"], g["lr"]) * knobs.scene_lr_scale
+            g["lr"] = self.base_lrs.get(g["name"], g["lr"]) * knobs.lr_scale
         if knobs.learned_lr is not None:
             self.estimator.set_lr(knobs.learned_lr)
-        sched = self.estimator.config.schedule
-        if knobs.t_min is not None:
-            sched.min_frac = knobs.t_min
-        if knobs.t_max is not None:
-            sched.max_frac, sched.anneal = max(knobs.t_max, sched.min_frac), "none"
 
-    def _background(self, n: int) -> torch.Tensor | None:
+    def background(self, n: int) -> torch.Tensor | None:
+        """Backgrounds of ``n`` views as ``config.background`` says (None: the scene's own)."""
         if self.config.background == "white":
             return torch.ones(n, 3, device=self.device)
         if self.config.background == "random":
             return torch.rand(n, 3, device=self.device)
         return None
 
-    def render_latents(self, cameras: Cameras) -> tuple[torch.Tensor, RenderOutput | None]:
-        if isinstance(self.scene, ImageScene):
-            with self.timer.phase("render"):
-                return self.scene.latents(self.prior, len(cameras)), None
-        with self.timer.phase("render"):
-            out = self.scene.render(cameras.to(self.device), self._background(len(cameras)))
-        with self.timer.phase("encode"):
-            return self.prior.encode_images(out.rgb), out
-
     def train_step(self) -> dict[str, float]:
         """One iteration of Algorithm 1: theta step (line 5), then the learned parameters' step (line 6)."""
         with self.lock:
-            knobs = copy.copy(self.knobs)
+            knobs = self.knobs
         self._apply_knobs(knobs)
-        cams = sample_cameras(self.config.batch, self.resolution, ranges=self.camera_range, generator=self.camera_gen)
+        cams = sample_cameras(self.config.batch, self.resolution, ranges=self.config.camera, generator=self.camera_gen)
         text_emb = self.text_embeddings(cams)
-        z, out = self.render_latents(cams)
+        z, out = self.scene.latents(self.prior, cams.to(self.device), self.background(len(cams)), self.timer)
         with self.timer.phase("guidance"):
             g = self.estimator.step(z, text_emb, self.null_emb, knobs.cfg, self.step, cams)
         self.optimizer.zero_grad(set_to_none=True)
@@ -444,13 +266,11 @@ class Trainer:
         stats = {"step": self.step, "loss": float(g.loss.detach()), "scene_grad_norm": scene_grad, **g.stats}
         stats.update({f"update_{k}" if not k.startswith("update") else k: v for k, v in update.items()})
         stats.update({f"scene_{k}": float(v) for k, v in dens.items()})
+        stats.update(self.estimator.statistics())
         stats.setdefault("cfg", knobs.cfg)  # the estimator's effective weight (annealed, 1 for sds-ref, ...)
         stats["cfg_knob"] = knobs.cfg
-        stats["lr_scale"] = knobs.scene_lr_scale
+        stats["lr_scale"] = knobs.lr_scale
         stats["learned_lr"] = self.estimator.lr
-        if isinstance(self.estimator, LodsEmbed) and self.estimator.alpha is not None:
-            init = self.estimator.alpha_init
-            stats["embedding_distance"] = float((self.estimator.alpha.detach() - init).norm() / init.norm())
         self.step += 1
         return stats
 
@@ -473,20 +293,25 @@ class Trainer:
         return None
 
     def run(self, progress: Callable[[int, int, dict], None] | None = None) -> str:
-        """Train until ``config.steps`` or a stop; returns the final status ("done", "stopped" or "diverged")."""
+        """Train until ``config.steps`` or a stop; returns the final status ("done", "stopped" or "diverged").
+
+        ``progress(step, steps, stats)`` is a shorthand subscriber to the step events."""
+        if progress is not None:
+            self.subscribe(lambda e: progress(e.step, self.config.steps, e.stats) if e.kind == "step" else None)
         self.begin()
         while self.status == "running":
             self._resume_event.wait()
-            self.advance(progress)
+            self.advance()
         return self.finish()
 
     def begin(self) -> None:
         """Enter the running state (``run`` does this; a caller stepping with ``advance`` does it once)."""
         self.status = "running"
         self._t_last, self._rate_step = time.perf_counter(), self.step
+        self._emit("state", status=self.status)
 
-    def advance(self, progress: Callable[[int, int, dict], None] | None = None) -> bool:
-        """At most one training step with its bookkeeping (guard, history, snapshot, checkpoint).
+    def advance(self) -> bool:
+        """At most one training step with its bookkeeping (guard, history, events, snapshot, checkpoint).
 
         Returns True when a step was taken; False when paused or when the run reached a final status
         (``status`` becomes "done", "stopped", "diverged" or "failed"). Lets a caller interleave runs.
@@ -531,10 +356,7 @@ class Trainer:
         stats["it_per_s"] = self._rate
         if self.step % self.config.log_every == 0 or self.step == self.config.steps:
             self.history.append(stats)
-        if progress:
-            progress(self.step, self.config.steps, stats)
-        for listener in self.step_listeners:
-            listener(self)
+        self._emit("step", stats=stats)
         if self.step % self.config.snapshot_every == 0 or self.step == self.config.steps:
             self.publish()
         if self.out_dir and self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
@@ -550,6 +372,7 @@ class Trainer:
         if self.status != "diverged" and self.out_dir:
             self.save_checkpoint(self.out_dir)
         self.publish()
+        self._emit("state", status=self.status)
         return self.status
 
     def close(self) -> None:
@@ -560,17 +383,8 @@ class Trainer:
 
     @torch.no_grad()
     def render_views(self, cameras: Cameras) -> RenderOutput:
-        """Renders (display resolution) of the scene from ``cameras``; the image itself for 2D runs."""
-        if isinstance(self.scene, ImageScene):
-            return self.scene.render(prior=self.prior)
-        # Eval mode (no jitter) and a forked RNG: previews must not change the training run's random stream.
-        was_training = self.scene.training
-        self.scene.eval()
-        try:
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                return self.scene.render(cameras.to(self.device), self._background(len(cameras)))
-        finally:
-            self.scene.train(was_training)
+        """Display renders of the scene from ``cameras`` (the image itself for 2D runs); the run's RNG untouched."""
+        return self.scene.previews(self.prior, cameras, self.background(len(cameras)))
 
     @torch.no_grad()
     def render_camera(self, c2w: np.ndarray, fovy: float, width: int, height: int) -> np.ndarray:
@@ -584,62 +398,45 @@ class Trainer:
     @torch.no_grad()
     def publish(self) -> Snapshot:
         with self.timer.phase("snapshot"):
-            return self._publish()
-
-    def _publish(self) -> Snapshot:
-        with self.scene_lock:
-            out = self.render_views(self.preview_cameras)
-            gauss = self.scene.viewer_gaussians() if hasattr(self.scene, "viewer_gaussians") else None
-        rgb, alpha = out.rgb.float().cpu(), out.alpha.float().cpu()
-        if self.history:
-            obj = alpha[:, 0] > 0.5 if not isinstance(self.scene, ImageScene) else metrics.foreground_mask(rgb)
-            cs = metrics.color_stats(rgb, obj)
-            self.history[-1]["saturation"] = cs["saturation"]
-            self.history[-1]["clipped"] = cs["clipped"]
-            if not isinstance(self.scene, ImageScene):
-                self.history[-1]["floater_score"] = metrics.floater_score(alpha)
-        with self.lock:
-            self.snapshot = Snapshot(
-                step=self.step,
-                steps=self.config.steps,
-                previews=rgb,
-                history=list(self.history),
-                knob_changes=list(self.knob_changes),
-                gaussians=gauss,
-                it_per_s=self._rate,
-                status=self.status,
-                message=self.message,
-            )
-            snap = self.snapshot
-        if self.on_snapshot:
-            self.on_snapshot(snap)
+            with self.scene_lock:
+                out = self.render_views(self.preview_cameras)
+                gauss = self.scene.viewer_gaussians()
+            rgb = out.rgb.float().cpu()
+            if self.history:
+                shown = self.scene.preview_metrics(out)
+                self.history[-1].update({k: shown[k] for k in ("saturation", "clipped", "floater_score") if k in shown})
+            with self.lock:
+                self.snapshot = snap = Snapshot(
+                    step=self.step, steps=self.config.steps, previews=rgb, history=list(self.history),
+                    knob_changes=list(self.knob_changes), gaussians=gauss, it_per_s=self._rate,
+                    status=self.status, message=self.message,
+                )
+        self._emit("snapshot", snapshot=snap)
         return snap
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints and what ran
 
     def resolved_config(self) -> RunConfig:
-        """The config as it runs now: every default resolved, the live knobs' current values."""
+        """The config as it runs now: every default resolved (by the prior), the live knobs' current values."""
         with self.lock:
-            knobs = copy.copy(self.knobs)
+            knobs = self.knobs
         return dataclasses.replace(
             self.config,
             cfg=knobs.cfg,
-            lr_scale=knobs.scene_lr_scale,
+            lr_scale=knobs.lr_scale,
             learned_lr=knobs.learned_lr if knobs.learned_lr is not None else self.estimator.lr,
-            device=str(self.device),
             threads=torch.get_num_threads() if self.device.type == "cpu" else self.config.threads,
-            resolution=self.resolution,
-            view_prompts=self.view_prompts,
+            **self._resolved,
         )
 
     def state(self) -> dict[str, Any]:
         """Everything the next step depends on (loaded by :meth:`load_checkpoint`)."""
         with self.lock:
-            knobs = {k: v for k, v in asdict(self.knobs).items() if k not in ("paused", "stop")}
+            knobs = {k: getattr(self.knobs, k) for k in LIVE_KNOBS}
             knob_changes = list(self.knob_changes)
         return {
             "step": self.step,
-            "config": asdict(self.config),
+            "config": self.config.to_dict(),
             "scene": {k: v.detach().cpu() for k, v in self.scene.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "estimator": self.estimator.state_dict(),
@@ -669,7 +466,8 @@ class Trainer:
         learning-rate scale, learned rate) as recorded knob changes, the scene learning rates and the
         step count directly; a change of anything that shaped the saved state is refused."""
         ck = checkpoint.load(path)
-        check_resumable(RunConfig.from_dict(ck["config"]), self.config)
+        saved = RunConfig.from_dict(ck["config"])
+        check_resumable(saved, self.config)
         try:
             load_scene_state(self.scene, ck["scene"], self.device)
             self.optimizer = torch.optim.Adam(self.scene.param_groups(self.config.lr), eps=1e-15)
@@ -679,7 +477,7 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as err:
             raise UserError(f"{path} does not fit this run ({str(err).splitlines()[0][:120]})") from err
         with self.lock:
-            self.knobs = Knobs(**{**asdict(self.knobs), **ck["knobs"]})
+            self.knobs = dataclasses.replace(self.knobs, **ck["knobs"])
             self.knob_changes = list(ck["knob_changes"])
         self.history = list(ck["history"])
         rng = ck["rng"]
@@ -692,39 +490,17 @@ class Trainer:
         self.step = self.checkpoint_step = ck["step"]
         self._apply_knobs(self.knobs)
         # This run's own settings of the live knobs win over the checkpoint's, as knob changes at this step.
-        saved = RunConfig.from_dict(ck["config"])
-        changes: dict[str, Any] = {}
-        if self.config.cfg != saved.cfg:
-            changes["cfg"] = self.config.cfg
-        if self.config.lr_scale != saved.lr_scale:
-            changes["scene_lr_scale"] = self.config.lr_scale
-        if self.config.learned_lr is not None and self.config.learned_lr != saved.learned_lr:
-            changes["learned_lr"] = self.config.learned_lr
+        changes = {name: getattr(self.config, name) for name in LIVE_KNOBS
+                   if getattr(self.config, name) is not None and getattr(self.config, name) != getattr(saved, name)}
         if changes:
             self.set_knobs(**changes)
-
-
-# Settings that shape the saved state: a resumed run must keep them.
-FIXED_ON_RESUME = ("prompt", "negative_prompt", "source_prompt", "prior", "backbone", "method", "seed", "batch",
-                   "resolution", "background", "preview_views", "guidance", "gaussians", "nerf", "image", "camera")
-
-
-def check_resumable(saved: RunConfig, new: RunConfig) -> None:
-    """A one-line ``UserError`` when ``new`` changes a setting the checkpoint of ``saved`` depends on."""
-    for name in FIXED_ON_RESUME:
-        before, after = getattr(saved, name), getattr(new, name)
-        if name == "resolution" and (before is None or after is None):
-            continue
-        if before != after:
-            raise UserError(f"{name} cannot change when resuming (the checkpoint has {before!r}, asked {after!r}); "
-                            "start a new run in another folder")
 
 
 def write_config(path: str | Path, config: RunConfig) -> None:
     import yaml
 
     with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
 
 
 def load_scene_state(scene: Scene, state: dict[str, torch.Tensor], device: torch.device) -> None:
@@ -753,21 +529,16 @@ def build_scene(
     """The scene of ``config.backbone`` on ``device`` (its backend chosen by the device)."""
     try:
         if config.backbone == "image":
-            image_cfg = ImageConfig(**config.image)
-            return ImageScene(image_cfg, prior.latent_shape, prior.image_size, init=init, generator=generator).to(
-                device
-            )
+            from lods.scenes.image import ImageScene
+
+            return ImageScene(config.image, prior.latent_shape, prior.image_size, init=init,
+                              generator=generator).to(device)
         if config.backbone == "gs":
-            from lods.scenes.gaussians import GaussianConfig, GaussianScene
+            from lods.scenes.gaussians import GaussianScene
 
-            return GaussianScene(GaussianConfig(**config.gaussians), generator=generator).to(device)
-        from lods.scenes.hashgrid import HashGridConfig
-        from lods.scenes.nerf import NerfConfig, NerfScene
+            return GaussianScene(config.gaussians, generator=generator).to(device)
+        from lods.scenes.nerf import NerfScene
 
-        nerf = dict(config.nerf)
-        if isinstance(nerf.get("grid"), dict):
-            nerf["grid"] = HashGridConfig(**nerf["grid"])
-        return NerfScene(NerfConfig(**nerf), device=device)
+        return NerfScene(config.nerf, device=device)
     except (TypeError, ValueError) as err:
         raise UserError(f"bad {config.backbone} settings: {err}") from err
-

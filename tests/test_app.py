@@ -28,7 +28,7 @@ OVERRIDES = {"resolution": 16, "batch": 1, "snapshot_every": 2, "preview_views":
              "gaussians": {"num_points": 64}}
 OFFLINE = "cannot get 'stabilityai/stable-diffusion-2-1-base' from the Hugging Face Hub (offline)"
 GOOD = dict(prompt="a red cube", negative_prompt="", prior="toy", custom_model="", backbone="image",
-            method="lods-embed", cfg=50.0, scene_lr_scale=1.0, learned_lr=1e-4, steps=5000, seed=0)
+            method="lods-embed", cfg=50.0, lr_scale=1.0, learned_lr=1e-4, steps=5000, seed=0)
 
 
 def wait_for(condition, timeout: float = 20.0, every: float = 0.05):
@@ -146,11 +146,11 @@ def test_run_live_knobs_second_session_and_stop(server):
 
         # the owner turns the CFG weight: applied within a step, recorded, marked on the plots
         assert "set to 20" in a.predict(20, api_name="/set_cfg")
-        assert "set to 0.5" in a.predict(0.5, api_name="/set_scene_lr")
+        assert "set to 0.5" in a.predict(0.5, api_name="/set_lr_scale")
         step = job.trainer.step
         wait_for(lambda: (s := job.snapshot()) is not None and len(s.knob_changes) == 2 and s.step > step + 2)
         changes = job.snapshot().knob_changes
-        assert [(c["knob"], c["old"], c["new"]) for c in changes] == [("cfg", 50.0, 20.0), ("scene_lr_scale", 1.0, 0.5)]
+        assert [(c["knob"], c["old"], c["new"]) for c in changes] == [("cfg", 50.0, 20.0), ("lr_scale", 1.0, 0.5)]
         assert any(h["cfg"] == 20.0 for h in job.snapshot().history if h["step"] > changes[0]["step"])
         status, renders, _, *plots_and_rest = a.predict(api_name="/poll")
         plots = plots_and_rest[: len(PLOTS)]
@@ -214,7 +214,7 @@ def test_bad_input_gives_one_line_and_spares_the_running_job(server):
                 ({"custom_model": "someone/model"}, "only loads the listed models"),
                 ({"custom_model": "../../etc"}, "only loads the listed models"),
                 ({"cfg": 50000}, "greater than maximum"),  # the slider's own bound check
-                ({"scene_lr_scale": -1}, "less than minimum"),
+                ({"lr_scale": -1}, "less than minimum"),
                 ({"prior": "evil/model"}, "evil/model"),
             ]:
                 message = attempt(start, c, **changes)
@@ -289,7 +289,7 @@ def test_nan_and_bad_numbers_are_refused_before_the_job(manager):
     studio = Studio(manager, AppSettings(run_overrides=OVERRIDES))
     values = dict(GOOD)
     for key, bad, expected in [("cfg", math.nan, "CFG weight"), ("cfg", math.inf, "between 1 and"),
-                               ("cfg", 0.5, "CFG weight"), ("scene_lr_scale", math.nan, "finite"),
+                               ("cfg", 0.5, "CFG weight"), ("lr_scale", math.nan, "finite"),
                                ("learned_lr", None, "must be a number"), ("seed", -1, "seed"),
                                ("steps", 10**9, "steps"), ("steps", 2.5, "whole number"),
                                ("prompt", "a\x00b", "control characters"), ("prompt", 42, "must be text"),
@@ -485,12 +485,12 @@ def test_viewer_hook(monkeypatch, manager):
                              "backbone": "gs"}, overrides={**OVERRIDES, "snapshot_every": 100})
     link.server.snapshots.clear()
     manager.start(gs, owner="a").thread.join(20)
-    fed = [s for s in link.server.snapshots if isinstance(s, types.SimpleNamespace)]
+    fed = [s for s in link.server.snapshots if s.previews is None]
     assert [s.step for s in fed] == [1, 2, 3, 4] and fed[0].gaussians["means"].shape[1] == 3
     link.server.min_interval_s = proxied.server.min_interval_s = 3600.0  # one update an hour at most
     link.server.snapshots.clear()
     manager.start(gs, owner="a").thread.join(20)
-    assert [s.step for s in link.server.snapshots if isinstance(s, types.SimpleNamespace)] == [1]
+    assert [s.step for s in link.server.snapshots if s.previews is None] == [1]
     assert link.server.resets == 0
     manager.discard("a")  # Reset: both viewers forget the run, so a new client receives none of its splats
     assert link.server.resets == 1 and proxied.server.resets == 1

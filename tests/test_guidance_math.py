@@ -26,7 +26,7 @@ from lods.guidance import (
     timestep_weight,
     vsd_direction,
 )
-from lods.priors.base import DiffusionPrior
+from lods.priors.base import DiffusionPrior, PriorDefaults
 
 
 class StandInPrior:
@@ -44,6 +44,7 @@ class StandInPrior:
         self.image_size = size
         self.latent_shape = (channels, size, size)
         self.negative_prompt = ""
+        self.defaults = PriorDefaults()
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
         self._ab = torch.cumprod(1 - betas, 0).float()
         self.mix = torch.randn(channels, channels, generator=g) * 0.3 + torch.eye(channels)

@@ -29,11 +29,10 @@ def _free_port() -> int:
 
 
 def _trainer(prior: Any, steps: int, seed: int = 0, method: str = "lods-embed"):
-    from lods.runs import TOY_MAX_GAUSSIANS
-    from lods.trainer import RunConfig, Trainer
+    from lods.config import RunConfig
+    from lods.trainer import Trainer
 
-    config = RunConfig(prompt="a red cube", backbone="gs", method=method, steps=steps, seed=seed, batch=2,
-                       gaussians={"max_points": TOY_MAX_GAUSSIANS})
+    config = RunConfig(prompt="a red cube", backbone="gs", method=method, steps=steps, seed=seed, batch=2)
     return Trainer(config, prior=prior)
 
 
@@ -65,7 +64,7 @@ def run_viewer_bench(steps: int = 300, frame_bytes: int = 20_000, max_updates_pe
     frames: list[tuple[float, int]] = []
     result: dict[str, float] = {}
     trainer = _trainer(prior, steps, method=method)
-    trainer.step_listeners.append(splat_feed(server))
+    trainer.subscribe(splat_feed(server))
     worker = threading.Thread(target=lambda: result.update(rate=_timed_run(trainer, skip)))
     try:
         if client == "chromium":

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -13,6 +16,39 @@ from lods.errors import UserError
 
 class PriorError(UserError, RuntimeError):
     """A problem the user can fix (missing weights, a folder that is not a model); one-line message."""
+
+
+@dataclass(frozen=True)
+class PriorDefaults:
+    """Settings whose best value depends on the prior, declared by the prior itself (a model folder's
+    ``lods_prior.json``; the defaults below for any other model). A run's config leaves them ``None``
+    unless the user sets them, and ``config.yaml`` records what ran."""
+
+    learned_lr: dict[str, float] = field(default_factory=dict)  # per method; others: guidance.DEFAULT_LR
+    view_prompts: bool = True  # DreamFusion's "front view" suffixes (a model trained on captions without them: off)
+    max_gaussians: int = 20000  # densification cap of a Gaussian-splat run
+    cpu_threads: int | None = None  # torch threads on CPU (None: torch's default)
+
+    FILE: ClassVar[str] = "lods_prior.json"
+
+    @classmethod
+    def read(cls, folder: str | Path) -> PriorDefaults:
+        """From ``folder/lods_prior.json`` (keys starting with "_" are comments); the defaults without one."""
+        path = Path(folder) / cls.FILE
+        if not path.is_file():
+            return cls()
+        try:
+            data = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+            return cls(**data)
+        except (ValueError, TypeError) as err:
+            raise PriorError(f"{path} is not a valid prior settings file: {err}") from err
+
+    def learned_rate(self, method: str) -> float | None:
+        """The learned-parameter rate a run of ``method`` starts with on this prior; None if it learns nothing."""
+        from lods.guidance import default_lr
+
+        fallback = default_lr(method)
+        return None if fallback is None else self.learned_lr.get(method, fallback)
 
 
 @runtime_checkable
@@ -30,6 +66,7 @@ class DiffusionPrior(Protocol):
     image_size: int  # native render resolution in pixels
     latent_shape: tuple[int, int, int]  # (C, h, w) of z at image_size
     negative_prompt: str  # the prompt whose embedding stands in for the null embedding ("" = SD's null)
+    defaults: PriorDefaults  # the run settings this prior prefers (learned rates, view prompts, splat cap, threads)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:

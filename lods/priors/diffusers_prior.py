@@ -24,24 +24,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lods.priors.base import PriorError
+from lods.errors import one_line
+from lods.priors.base import PriorDefaults, PriorError
 
 SD21 = "stabilityai/stable-diffusion-2-1-base"
 TOY_WEIGHTS = Path(__file__).resolve().parent / "toy" / "weights"
 ALIASES: dict[str, str] = {"sd21": SD21, "toy": str(TOY_WEIGHTS)}
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _HUB_ALLOW = ["model_index.json", *(f"{c}/*" for c in _COMPONENTS)]
 _HUB_IGNORE = ["*.bin", "*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.pb", "*.fp16.*", "*non_ema*", "*.ema.*"]
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-def _one_line(err: BaseException, limit: int = 200) -> str:
-    lines = str(err).strip().splitlines()
-    text = lines[0] if lines else type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def resolve_dtype(device: torch.device, dtype: torch.dtype | str | None) -> torch.dtype:
@@ -64,7 +59,7 @@ def resolve_source(id_or_dir: str) -> Path:
                          "`python -m lods toy-prior train`")
     if path.exists():
         return path
-    if not _HUB_ID.match(name) or name.startswith("."):
+    if not HUB_ID.match(name) or name.startswith("."):
         raise PriorError(f"no model folder at '{name}'; pass an existing diffusers folder or a hub id such as {SD21}")
     from huggingface_hub import snapshot_download
 
@@ -77,9 +72,28 @@ def resolve_source(id_or_dir: str) -> Path:
         except (OSError, ValueError) as err:
             failure = err
     raise PriorError(
-        f"cannot get '{name}' from the Hugging Face Hub ({_one_line(failure, 120)}); run "
+        f"cannot get '{name}' from the Hugging Face Hub ({one_line(failure, 120)}); run "
         f"`huggingface-cli download {name}` where there is internet, or pass a local folder"
     ) from failure
+
+
+def local_folder(id_or_dir: str) -> Path | None:
+    """The local folder of an alias or a path, without downloading anything; None for a hub id."""
+    path = Path(ALIASES.get(id_or_dir, id_or_dir)).expanduser()
+    return path if path.is_dir() else None
+
+
+def prior_defaults(id_or_dir: str) -> PriorDefaults:
+    """What a prior declares about runs (its ``lods_prior.json``) without loading it; generic for hub ids."""
+    folder = local_folder(id_or_dir)
+    return PriorDefaults.read(folder) if folder is not None else PriorDefaults()
+
+
+def judge_path(id_or_dir: str) -> Path | None:
+    """The judge classifier a prior ships for its own world (the toy prior's ``judge.safetensors``), if any."""
+    folder = local_folder(id_or_dir)
+    path = folder / "judge.safetensors" if folder is not None else None
+    return path if path is not None and path.is_file() else None
 
 
 def check_folder(root: Path) -> None:
@@ -127,8 +141,10 @@ class DiffusersPrior:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | str | None = None,
         negative_prompt: str = "",
+        defaults: PriorDefaults | None = None,
     ):
         self.device = torch.device(device)
+        self.defaults = defaults or PriorDefaults()
         self.dtype = resolve_dtype(self.device, dtype)
         self.negative_prompt = negative_prompt
         cfg = unet.config
@@ -193,7 +209,7 @@ class DiffusersPrior:
             try:
                 return fn()
             except Exception as err:
-                raise PriorError(f"cannot load {what} from '{root}': {_one_line(err)}") from err
+                raise PriorError(f"cannot load {what} from '{root}': {one_line(err, 200)}") from err
 
         unet = load("unet/", lambda: UNet2DConditionModel.from_pretrained(
             root, subfolder="unet", use_safetensors=True, torch_dtype=torch_dtype))
@@ -206,7 +222,8 @@ class DiffusersPrior:
         tokenizer = load("tokenizer/", lambda: AutoTokenizer.from_pretrained(
             root / "tokenizer", trust_remote_code=False))
         scheduler = load("scheduler/", lambda: DDPMScheduler.from_pretrained(root, subfolder="scheduler"))
-        return cls(unet, vae, text_encoder, tokenizer, scheduler, device, torch_dtype, negative_prompt)
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, device, torch_dtype, negative_prompt,
+                   defaults=PriorDefaults.read(root))
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -357,4 +374,4 @@ def _enable_xformers(unet: nn.Module) -> None:
     try:
         unet.enable_xformers_memory_efficient_attention()
     except (ImportError, RuntimeError, ValueError, NotImplementedError) as err:
-        warnings.warn(f"xformers attention unavailable ({_one_line(err)}); using PyTorch SDPA", stacklevel=2)
+        warnings.warn(f"xformers attention unavailable ({one_line(err, 200)}); using PyTorch SDPA", stacklevel=2)

@@ -1,12 +1,21 @@
-"""What the trainer optimizes: a differentiable scene with parameters theta and a render function."""
+"""What the trainer optimizes: a differentiable scene with parameters theta and a render function.
+
+A :class:`Scene` is complete in itself: the trainer asks it for latents (``latents``), previews
+(``previews``, ``preview_metrics``), its files (``export``) and what the live viewer shows (``live_view``,
+``viewer_gaussians``), never what kind of scene it is. A new scene is one subclass.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from lods.cameras import Cameras
+from lods.cameras import Cameras, turntable
 
 
 @dataclass
@@ -20,9 +29,13 @@ class RenderOutput:
 
 
 class Scene(torch.nn.Module):
-    """Base class. Subclasses implement ``render``, ``param_groups`` and optionally ``post_step``."""
+    """Base class: a 3D scene rendered from cameras. Subclasses implement ``render`` and ``param_groups``, and
+    optionally ``post_step``, ``health`` and ``export_geometry``; a 2D scene overrides the rest too."""
 
     backend: str = "torch"
+    # What the live 3D viewer shows: "splats" (it streams ``viewer_gaussians``), "render" (it asks the trainer
+    # to render each browser's camera) or None (nothing 3D).
+    live_view: str | None = "render"
 
     def render(self, cameras: Cameras, background: torch.Tensor | None = None) -> RenderOutput:
         raise NotImplementedError
@@ -35,7 +48,73 @@ class Scene(torch.nn.Module):
         """Called after each optimizer step (densify / prune / grid update); returns stats to log."""
         return {}
 
+    # ------------------------------------------------------------------ what the trainer asks of every scene
+
+    def latents(self, prior: Any, cameras: Cameras, background: torch.Tensor | None,
+                timer: Any = None) -> tuple[torch.Tensor, RenderOutput | None]:
+        """z of the views (differentiable in theta) for the guidance, and the render they came from."""
+        phase = timer.phase if timer is not None else _no_phase
+        with phase("render"):
+            out = self.render(cameras, background)
+        with phase("encode"):
+            return prior.encode_images(out.rgb), out
+
+    @torch.no_grad()
+    def previews(self, prior: Any, cameras: Cameras, background: torch.Tensor | None) -> RenderOutput:
+        """Display renders: eval mode (no jitter) and a forked RNG, so that they never change the training run."""
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                return self.render(cameras.to(device), background)
+        finally:
+            self.train(was_training)
+
+    def preview_metrics(self, out: RenderOutput) -> dict[str, float]:
+        """Saturation, value and clipped share on the object (alpha > 0.5), and the floater score."""
+        from lods import metrics
+
+        rgb, alpha = out.rgb.float().cpu(), out.alpha.float().cpu()
+        stats = metrics.color_stats(rgb, alpha[:, 0] > 0.5)
+        return {"saturation": stats["saturation"], "value": stats["value"], "clipped": stats["clipped"],
+                "floater_score": metrics.floater_score(alpha)}
+
+    @torch.no_grad()
+    def export(self, out: Path, prior: Any, size: int, background: Callable[[int], torch.Tensor | None],
+               views: int = 8, video_frames: int = 60) -> tuple[dict[str, str], dict[str, float], torch.Tensor]:
+        """Write ``views.png``, ``turntable.mp4`` (when ``video_frames``) and the scene's own files; returns
+        {kind: file name}, the final metrics and the views (V, 3, H, W) on the CPU. ``background(n)`` gives
+        the backgrounds of n views (None: the scene's own)."""
+        from lods import export
+
+        files: dict[str, str] = {}
+        grid = self.previews(prior, turntable(views, size), background(views))
+        rgb = grid.rgb.float().cpu()
+        export.write_png(out / "views.png", export.image_grid(rgb, cols=views))
+        files["views"] = "views.png"
+        if video_frames:
+            frames = self.previews(prior, turntable(video_frames, size * 2), background(video_frames))
+            export.write_video(out / "turntable.mp4", export.to_uint8_frames(frames.rgb.float().cpu()), fps=24)
+            files["video"] = "turntable.mp4"
+        files.update(self.export_geometry(out))
+        return files, self.preview_metrics(grid), rgb
+
+    def export_geometry(self, out: Path) -> dict[str, str]:
+        """The scene's own result files (a 3DGS .ply, a mesh, ...): {kind: file name}."""
+        return {}
+
+    def viewer_gaussians(self) -> dict | None:
+        """CPU copies of splats for the live viewer when ``live_view == "splats"``; None otherwise."""
+        return None
+
     def health(self) -> str | None:
         """What is wrong with finite but blown-up parameters (the trainer's guard stops the run before they
         reach a checkpoint), or None. NaN and infinities are checked by the trainer for every scene."""
         return None
+
+
+@contextlib.contextmanager
+def _no_phase(name: str):
+    yield
+

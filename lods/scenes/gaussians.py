@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,7 +69,7 @@ class GaussianConfig:
     prune_scale: float = 0.3  # prune when the largest axis exceeds this (world units)
     max_screen_size: float = 0.3  # prune when the splat's radius exceeds this fraction of the image side
     opacity_reset_every: int = 0  # reset every opacity to <= 0.01 this often (3DGS: 3000); 0 disables
-    max_points: int = 20000  # densification stops adding Gaussians at this count
+    max_points: int | None = None  # densification stops adding Gaussians at this count; None: the prior's cap
     max_abs_mean: float = 100.0  # divergence guard: a centre this far from the origin (world units) is a blow-up
     max_scale: float = 10.0  # divergence guard: a Gaussian this large (largest axis, world units) is a blow-up
 
@@ -112,11 +113,14 @@ def ball_points(n: int, radius: float, generator: torch.Generator | None = None)
     return d * radius * torch.rand(n, 1, generator=generator) ** (1.0 / 3.0)
 
 
+DEFAULT_MAX_POINTS = 20000  # the cap of a scene built without a prior's (PriorDefaults.max_gaussians)
 _STATS = ("grad2d_sum", "grad2d_count", "max_radius")
 
 
 class GaussianScene(Scene):
     """A set of 3D Gaussians; ``render`` gives RGB, alpha and depth for a batch of cameras."""
+
+    live_view = "splats"
 
     def __init__(
         self,
@@ -254,7 +258,7 @@ class GaussianScene(Scene):
         n_old = self.num_gaussians
         grads = self.grad2d_sum / self.grad2d_count.clamp_min(1)
         high = grads >= cfg.grad_threshold
-        budget = max(cfg.max_points - n_old, 0)
+        budget = max((cfg.max_points if cfg.max_points is not None else DEFAULT_MAX_POINTS) - n_old, 0)
         if int(high.sum()) > budget:
             top = torch.zeros_like(high)
             top[torch.topk(torch.where(high, grads, -1.0), budget).indices] = True
@@ -377,6 +381,13 @@ class GaussianScene(Scene):
             *[f"f_rest_{i}" for i in range(n_rest)],
             "opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3",
         ]
+
+    def export_geometry(self, out: Path) -> dict[str, str]:
+        """``scene.ply`` in the 3DGS layout."""
+        from lods.export import write_gaussians_ply
+
+        write_gaussians_ply(out / "scene.ply", **self.to_ply_attributes())
+        return {"scene": "scene.ply"}
 
     @torch.no_grad()
     def to_ply_attributes(self) -> dict[str, np.ndarray]:

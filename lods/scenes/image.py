@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -24,7 +25,9 @@ class ImageConfig:
 
 
 class ImageScene(Scene):
-    """One image. ``latents(prior)`` gives z without rendering; ``render`` decodes it for display."""
+    """One image. ``latents`` gives z without rendering; ``render`` decodes it for display."""
+
+    live_view = None  # nothing for the 3D viewer
 
     def __init__(
         self,
@@ -49,10 +52,40 @@ class ImageScene(Scene):
     def is_latent(self) -> bool:
         return self.config.space == "latent"
 
-    def latents(self, prior, n: int = 1) -> torch.Tensor:
+    def z(self, prior, n: int = 1) -> torch.Tensor:
         """z for ``n`` copies of the image (differentiable w.r.t. theta)."""
         z = self.theta if self.is_latent else prior.encode_images(self.theta.clamp(0, 1))
         return z.expand(n, *z.shape[1:])
+
+    def latents(self, prior, cameras: Cameras, background=None, timer=None) -> tuple[torch.Tensor, None]:
+        """z for as many copies of the image as there are cameras; no render (cameras play no part)."""
+        if timer is None:
+            return self.z(prior, len(cameras)), None
+        with timer.phase("render"):
+            return self.z(prior, len(cameras)), None
+
+    @torch.no_grad()
+    def previews(self, prior, cameras: Cameras | None = None, background=None) -> RenderOutput:
+        """The image itself (decoded), whatever the cameras."""
+        return self.render(prior=prior)
+
+    def preview_metrics(self, out: RenderOutput) -> dict[str, float]:
+        """Saturation, value and clipped share on the non-white pixels (no alpha: the image has no geometry)."""
+        from lods import metrics
+
+        rgb = out.rgb.float().cpu()
+        stats = metrics.color_stats(rgb, metrics.foreground_mask(rgb))
+        return {k: stats[k] for k in ("saturation", "value", "clipped")}
+
+    @torch.no_grad()
+    def export(self, out: Path, prior, size: int, background=None, views: int = 8,
+               video_frames: int = 60) -> tuple[dict[str, str], dict[str, float], torch.Tensor]:
+        """``image.png``; returns its file name, the final metrics and the image (1, 3, H, W)."""
+        from lods import export
+
+        image = self.image(prior).cpu()
+        export.write_png(out / "image.png", export.to_uint8_frames(image)[0])
+        return {"image": "image.png"}, self.preview_metrics(self.render(prior=prior)), image
 
     @torch.no_grad()
     def image(self, prior) -> torch.Tensor:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -214,6 +215,9 @@ class NerfScene(Scene):
     scene on the device it will run on rather than moving it later.
     """
 
+    live_view = "render"  # the viewer asks the trainer to render each browser's camera
+
+
     def __init__(self, config: NerfConfig | None = None, device: torch.device | str = "cpu"):
         super().__init__()
         self.config = config or NerfConfig()
@@ -250,6 +254,13 @@ class NerfScene(Scene):
             params = list(self.background_net.parameters())
             groups.append({"name": "background", "params": params, "lr": rates["background"]})
         return groups
+
+    def export_geometry(self, out: Path) -> dict[str, str]:
+        """``mesh.glb``: marching cubes of the density, coloured by the field."""
+        from lods.export import write_mesh_glb
+
+        write_mesh_glb(out / "mesh.glb", *extract_mesh(self))
+        return {"mesh": "mesh.glb"}
 
     def post_step(self, step: int, out: RenderOutput, optimizer: torch.optim.Optimizer) -> dict:
         """Refresh the occupancy grid every ``occupancy_every`` steps; returns the occupied fraction."""
