@@ -23,11 +23,11 @@ from typing import Any
 import torch
 
 from app.config import page_knob
-from lods.compare import Comparison, Slot
 from lods.config import Knobs, RunConfig
 from lods.errors import UserError, one_line
 from lods.priors.base import DiffusionPrior
 from lods.runs import write_run_folder
+from lods.runs.compare import Comparison, Slot
 from lods.trainer import Snapshot, Trainer, load_prior, resolve_device
 
 log = logging.getLogger(__name__)

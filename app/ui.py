@@ -34,11 +34,11 @@ from app.config import (
 )
 from app.jobs import Job, JobManager, NotOwner, one_line
 from app.plots import PLOTS, metric_frame, placeholder_frame, plot_colors, preview_grid
-from lods.compare import MAX_RUNS, Slot, comparison_configs
-from lods.compare import PRESETS as COMPARE_PRESETS
 from lods.config import KNOB_LABELS
 from lods.errors import UserError
 from lods.runs import PRESETS, alignment_metrics
+from lods.runs.compare import MAX_RUNS, Slot, comparison_configs
+from lods.runs.compare import PRESETS as COMPARE_PRESETS
 
 TITLE = "LODS Studio"
 METHOD_LABELS = {

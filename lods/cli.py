@@ -7,38 +7,99 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 from lods.errors import UserError
 
 
 def run(args: argparse.Namespace) -> int:
+    """Parsed arguments stop here: each subcommand becomes a call of a library function with typed values."""
     if args.command == "toy-prior":
         return _toy_prior(args)
     if args.command in ("generate", "edit"):
-        from lods import runs
+        from lods.config import RunConfig
+        from lods.runs import edit, generate
 
-        return runs.run_from_args(args)
-    if args.command == "bench":
-        if args.what == "quality":
-            from lods import quality
-
-            return quality.run_from_args(args)
-        if args.what == "speed":
-            from lods import speed
-
-            return speed.run_from_args(args)
-        from lods import bench
-
-        return bench.run_from_args(args)
+        config = RunConfig.from_dict(config_dict(args))
+        if args.command == "edit":
+            edit(config, args.image, args.out)
+        else:
+            generate(config, args.out, resume=args.resume)
+        return 0
     if args.command == "sweep":
-        from lods import sweep
+        from lods.runs.batch import parse_methods
+        from lods.runs.sweep import parse_cfg_list, run_sweep
 
-        return sweep.run_from_args(args)
+        cfgs = parse_cfg_list(args.cfg)
+        methods = parse_methods(args.methods, default="lods-embed")
+        args.method, args.cfg = methods[0], cfgs[0]
+        return run_sweep(config_dict(args), methods, cfgs, args.out, args.executor, args.ray_address)
     if args.command == "batch":
-        from lods import batch
+        from lods.runs.batch import parse_methods, read_prompts, run_batch
 
-        return batch.run_from_args(args)
+        prompts = read_prompts(args.prompts)
+        methods = parse_methods(args.methods)
+        if args.limit is not None:
+            prompts = prompts[: args.limit]
+        args.prompt, args.method, args.negative_prompt = prompts[0], methods[0], None
+        return run_batch(prompts, methods, config_dict(args), args.out, args.executor, args.ray_address)
+    if args.command == "bench":
+        return _bench(args)
     raise UserError(f"`{args.command}` is not available in this version yet")
+
+
+def config_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's config keys, later winning: ``--resume``'s checkpoint config, ``--config`` YAML, flags,
+    ``--set``; then the backbone's preset fills what is still unset. ``--lr`` is the image's learning rate
+    (2D) or a multiplier of every scene learning rate (3D)."""
+    from lods.runs.generation import apply_sets, checkpoint_config, read_config_file, with_preset
+
+    cfg: dict[str, Any] = {}
+    if getattr(args, "resume", None):
+        cfg.update(checkpoint_config(args.resume))
+    if args.config:
+        cfg.update(read_config_file(args.config))
+    flags = {
+        "prompt": args.prompt,
+        "prior": args.prior,
+        "method": getattr(args, "method", None),
+        "cfg": args.cfg,
+        "steps": args.steps,
+        "seed": args.seed,
+        "device": args.device,
+        "learned_lr": args.learned_lr,
+        "negative_prompt": args.negative_prompt,
+        "backbone": getattr(args, "backbone", None),
+    }
+    cfg.update({k: v for k, v in flags.items() if v is not None})
+    if args.command == "edit":
+        cfg.update(backbone="image", source_prompt=args.source_prompt)
+        cfg.setdefault("method", "dds")
+    apply_sets(cfg, args.set)
+    if args.lr is not None:
+        if cfg.get("backbone", "gs") == "image":
+            cfg["lr"] = {**(cfg.get("lr") or {}), "image": args.lr}
+        else:
+            cfg["lr_scale"] = args.lr
+    return with_preset(cfg)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.what == "quality":
+        from lods.bench import quality
+
+        return quality.run_from_args(args)
+    if args.what == "speed":
+        from lods.bench.speed import run_speed
+
+        backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
+        methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+        run_speed(args.prior, backbones, methods, steps=args.steps or 20, device=args.device, out=args.out)
+        return 0
+    from lods.bench.guidance import run_guidance_bench
+
+    run_guidance_bench(args.prior, steps=args.steps or 5, out=args.out)
+    return 0
 
 
 def _toy_prior(args: argparse.Namespace) -> int:

@@ -535,7 +535,7 @@ def test_page_in_a_browser(server):
 
 
 def test_comparison_steps_its_runs_in_turn():
-    from lods.compare import PRESETS, comparison_configs
+    from lods.runs.compare import PRESETS, comparison_configs
     from lods.trainer import RunConfig
 
     assert [(s.method, s.cfg) for s in PRESETS["cfg-sweep"]] == [
@@ -551,8 +551,8 @@ def test_comparison_steps_its_runs_in_turn():
 
 
 def test_comparison_job_round_robin_export_and_controls(manager, tiny_prior):
-    from lods.compare import PRESETS as CP
-    from lods.compare import Comparison, comparison_configs
+    from lods.runs.compare import PRESETS as CP
+    from lods.runs.compare import Comparison, comparison_configs
 
     config = build_run_config(**{**{k: v for k, v in GOOD.items() if k != "custom_model"}, "steps": 4},
                               overrides={**OVERRIDES, "snapshot_every": 1})
@@ -616,7 +616,7 @@ def test_compare_tab_callbacks(manager):
 
 
 def test_load_test_sessions_poll_and_turn_knobs_without_errors(prior_factory):
-    from app.loadtest import run_load_test
+    from benchmarks.loadtest import run_load_test
 
     report = run_load_test(clients=3, seconds=1.0, poll_s=0.1, knob_every=2, warmup_s=0.2,
                            prior_factory=prior_factory, run={"backbone": "image"}, overrides=OVERRIDES)
@@ -630,7 +630,7 @@ def test_load_test_sessions_poll_and_turn_knobs_without_errors(prior_factory):
 
 
 def test_viewer_bench_counts_splat_updates_that_arrive(tiny_prior):
-    from viewer.bench import run_viewer_bench
+    from benchmarks.viewer import run_viewer_bench
 
     report = run_viewer_bench(steps=12, frame_bytes=1_000, max_updates_per_s=1000.0, prior=tiny_prior,
                               client="websocket")

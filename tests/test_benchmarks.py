@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from lods import metrics, quality
+from lods import metrics
 from lods.__main__ import main
-from lods.batch import Job, _batch_job, is_done, map_jobs, read_prompts, slug
+from lods.bench import quality
 from lods.export import read_views
+from lods.runs.batch import Job, _batch_job, is_done, map_jobs, read_prompts, slug
 
 
 def test_floater_score_keeps_one_component_per_object():
@@ -233,7 +234,7 @@ def test_clip_score_is_skipped_cleanly_without_local_weights(monkeypatch, tmp_pa
 def test_job_claims_let_processes_share_a_batch(tmp_path):
     import os
 
-    from lods.batch import claim, release_claim
+    from lods.runs.batch import claim, release_claim
 
     folder = tmp_path / "job"
     assert claim(folder) and claim(folder)  # this process holds it (a second claim is harmless)

@@ -398,12 +398,12 @@ def test_non_finite_projections_bin_no_pairs_instead_of_crashing():
 
 
 def test_a_full_disk_is_one_line(tiny_sd_dir, tmp_path, capsys, monkeypatch):
-    import lods.runs
+    import lods.runs.generation
 
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "config.yaml"))
 
-    monkeypatch.setattr(lods.runs, "write_config", full)
+    monkeypatch.setattr(lods.runs.generation, "write_config", full)
     code, err = cli(["generate", "--prompt", "a red cube", "--prior", str(tiny_sd_dir), "--steps", "1", "--device",
                      "cpu", "--out", str(tmp_path / "run")], capsys)
     assert_one_error_line(code, err, "no space left")

@@ -246,7 +246,7 @@ def test_inf_cfg_is_refused_up_front_where_it_diverges(tiny_prior):
 
 
 def test_bench_guidance_counts_match_fig3(tiny_prior):
-    from lods.bench import bench_guidance
+    from lods.bench.guidance import bench_guidance
 
     rows = {r["method"]: r for r in bench_guidance(tiny_prior, steps=1)}
     sds, lods_e, lods_l, vsd = rows["sds"], rows["lods-embed"], rows["lods-lora"], rows["vsd"]

@@ -7,7 +7,6 @@ Every cell is an ordinary ``generate`` run in ``OUT/<method>/cfg-<w>/``; finishe
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from lods import export
-from lods.batch import Job, is_done, parse_methods, run_all, run_job
+from lods.runs.batch import Job, is_done, parse_methods, run_all, run_job
 from lods.errors import UserError
 
 TABLE_COLUMNS = ("method", "cfg", "alignment", "saturation", "value", "clipped", "floater_score", "seconds",
@@ -101,16 +100,17 @@ def write_outputs(jobs: list[Job], methods: list[str], cfgs: list[float], out: P
     return rows
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def run_sweep(base: dict[str, Any], methods: list[str], cfgs: list[float], out: str | Path,
+              executor: str = "sequential", ray_address: str | None = None) -> int:
+    """Every method x CFG weight on the settings of ``base`` (plain config keys, with the prompt), one run folder
+    each under ``out``; cells that cannot run (SDS at an infinite weight) are skipped. Writes ``grid.png`` and
+    the tables; returns 1 when a run failed or none finished, else 0."""
     from lods.config import RunConfig
-    from lods.runs import config_from_args, prepare_out
+    from lods.runs.folder import prepare_out
 
-    cfgs = parse_cfg_list(args.cfg)
-    methods = parse_methods(args.methods, default="lods-embed")
-    args.method, args.command, args.cfg = methods[0], "generate", cfgs[0]
-    base = config_from_args(args)
+    base = {**base, "method": methods[0], "cfg": cfgs[0]}
     RunConfig.from_dict(dict(base)).validate()
-    out = prepare_out(args.out)
+    out = prepare_out(out)
     jobs = sweep_jobs(base, methods, cfgs, out)
     todo = []
     for job in jobs:
@@ -122,7 +122,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         if not is_done(job.out):
             todo.append(job)
     print(f"sweep: {len(jobs)} cells ({len(methods)} methods x {len(cfgs)} CFG weights), {len(todo)} to run")
-    failed = run_all(_sweep_job, todo, args.executor, args.ray_address, "sweep",
+    failed = run_all(_sweep_job, todo, executor, ray_address, "sweep",
                      lambda job: f"{job.config['method']} at CFG {job.config['cfg']:g}")
     rows = write_outputs(jobs, methods, cfgs, out)
     if rows:

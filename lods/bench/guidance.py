@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ def bench_guidance(prior, steps: int = 5, batch: int = 1, cfg: float = 100.0, se
         torch.manual_seed(seed)
         est = make_estimator(method, prior, {})
         z = torch.randn(batch, *prior.latent_shape, device=prior.device, requires_grad=True)
-        if method == "dds":
+        if est.edit_only:
             est.set_source(torch.randn(1, *prior.latent_shape, device=prior.device), prior.encode_text(["a blue cube"]))
         times, fwd, bwd = [], 0.0, 0.0
         try:
@@ -79,19 +78,20 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def run_guidance_bench(prior_name: str, steps: int = 5, out: str | Path | None = None) -> list[dict]:
+    """``bench_guidance`` and ``bench_unet_forward`` on ``prior_name``; prints the table, writes JSON to ``out``."""
     from lods.trainer import load_prior, resolve_device
 
-    prior = load_prior(args.prior, resolve_device(None))
+    prior = load_prior(prior_name, resolve_device(None))
     if prior.device.type == "cpu" and prior.defaults.cpu_threads:
         torch.set_num_threads(prior.defaults.cpu_threads)  # as the trainer does
-    rows = bench_guidance(prior, steps=args.steps or 5)
+    rows = bench_guidance(prior, steps=steps)
     unet_ms = bench_unet_forward(prior)
     print(format_table(rows))
     print(f"batch-1 UNet forward at {prior.image_size}x{prior.image_size}: {unet_ms:.1f} ms (median)")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         report = {"device": str(prior.device), "torch_threads": torch.get_num_threads(), "rows": rows,
                   "unet_forward_ms_batch1": unet_ms}
-        Path(args.out).write_text(json.dumps(report, indent=2))
-    return 0
+        Path(out).write_text(json.dumps(report, indent=2))
+    return rows

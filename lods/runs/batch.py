@@ -1,6 +1,6 @@
 """``python -m lods batch``: many prompts x methods, one result folder each, resumable, optionally on Ray.
 
-A job is a plain config dict (the :class:`~lods.trainer.RunConfig` keys) and an output folder. A job
+A job is a plain config dict (the :class:`~lods.config.RunConfig` keys) and an output folder. A job
 whose folder holds a ``summary.json`` of a finished run is skipped, so an interrupted batch picks up
 where it stopped. Executors: ``sequential`` (this process) or ``ray`` (one task per job, one GPU each
 when the cluster has GPUs, else one CPU each; ``--ray-address`` joins an existing cluster, whose
@@ -9,7 +9,6 @@ nodes need this package installed).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -222,10 +221,10 @@ def parse_methods(text: str | None, default: str | None = None) -> list[str]:
     from lods.guidance import METHODS
 
     methods = [m.strip() for m in (text or default or "").split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS or m == "dds"]
+    unknown = [m for m in methods if m not in METHODS or METHODS[m].edit_only]
     if unknown or not methods:
         raise UserError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from: "
-                        + ", ".join(m for m in METHODS if m != "dds"))
+                        + ", ".join(m for m, cls in METHODS.items() if not cls.edit_only))
     return methods
 
 
@@ -253,25 +252,23 @@ def write_summary_csv(rows: list[dict[str, Any]], path: Path) -> None:
             w.writerow(r)
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    from lods.runs import config_from_args, prepare_out
-
-    prompts = read_prompts(args.prompts)
-    methods = parse_methods(args.methods)
-    if args.limit is not None:
-        prompts = prompts[: args.limit]
-    args.prompt, args.method, args.negative_prompt, args.command = prompts[0], methods[0], None, "generate"
-    base = config_from_args(args)
-    base.pop("prompt"), base.pop("method")
+def run_batch(prompts: list[str], methods: list[str], base: dict[str, Any], out: str | Path,
+              executor: str = "sequential", ray_address: str | None = None) -> int:
+    """Every prompt x method with the settings of ``base`` (plain config keys), one run folder each under ``out``;
+    finished runs are skipped. Writes ``batch.csv``; returns 1 when a run failed, else 0."""
     from lods.config import RunConfig
+    from lods.runs.folder import prepare_out
 
+    if not prompts or not methods:
+        raise UserError("a batch needs at least one prompt and one method")
+    base = {k: v for k, v in base.items() if k not in ("prompt", "method")}
     RunConfig.from_dict({**base, "prompt": prompts[0], "method": methods[0]}).validate()
-    out = prepare_out(args.out)
+    out = prepare_out(out)
     jobs = batch_jobs(prompts, methods, base, out)
     todo = [j for j in jobs if not is_done(j.out)]
     print(f"{len(jobs)} runs ({len(prompts)} prompts x {len(methods)} methods): {len(jobs) - len(todo)} already "
-          f"done, {len(todo)} to run on {args.executor}")
-    failures = run_all(_batch_job, todo, args.executor, args.ray_address, "batch",
+          f"done, {len(todo)} to run on {executor}")
+    failures = run_all(_batch_job, todo, executor, ray_address, "batch",
                        lambda job: f"{job.config['prompt']!r} / {job.config['method']}")
     rows = []
     for job in jobs:

@@ -1,4 +1,4 @@
-"""``python -m app.firstrender``: seconds from pressing Start to the first render on the page.
+"""``python -m benchmarks.firstrender``: seconds from pressing Start to the first render on the page.
 
 Launches the app on a free loopback port with the default prior (no live viewer), opens it in a
 headless Chromium (Debian's ``/usr/bin/chromium``, driven by Playwright), presses Start with the
@@ -56,7 +56,7 @@ def run_first_render(backbone: str = "gs", timeout_s: float = 300.0) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     from lods.export import print_and_save_json
 
-    p = argparse.ArgumentParser(prog="python -m app.firstrender", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.firstrender", description=__doc__.splitlines()[0])
     p.add_argument("--backbone", choices=["gs", "nerf", "image"], default="gs")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)

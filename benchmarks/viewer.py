@@ -1,4 +1,4 @@
-"""``python -m viewer.bench``: splat updates per second reaching a real browser while a run trains, and
+"""``python -m benchmarks.viewer``: splat updates per second reaching a real browser while a run trains, and
 how much the viewer slows the training.
 
 Trains the same Gaussian-splat run twice on the default prior: alone, then with the viewer fed after
@@ -140,7 +140,7 @@ def run_viewer_bench(steps: int = 300, frame_bytes: int = 20_000, max_updates_pe
 def main(argv: list[str] | None = None) -> int:
     from lods.export import print_and_save_json
 
-    p = argparse.ArgumentParser(prog="python -m viewer.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.viewer", description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--max-updates", type=float, default=10.0, help="the viewer's update cap per second")
     p.add_argument("--frame-bytes", type=int, default=20_000)

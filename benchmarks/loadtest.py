@@ -1,4 +1,4 @@
-"""``python -m app.loadtest``: many browser sessions on the app while a run trains.
+"""``python -m benchmarks.loadtest``: many browser sessions on the app while a run trains.
 
 Launches the app on a free loopback port, starts a Gaussian-splat run from one session, measures the
 run's iterations per second alone, then with ``--clients`` sessions (each speaking Gradio's queue
@@ -262,7 +262,7 @@ def run_load_test(
 def main(argv: list[str] | None = None) -> int:
     from lods.export import print_and_save_json
 
-    p = argparse.ArgumentParser(prog="python -m app.loadtest", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.loadtest", description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--seconds", type=float, default=30.0, help="length of each measurement window")
     p.add_argument("--poll", type=float, default=0.75, help="seconds between a session's polls (the page: 0.75)")

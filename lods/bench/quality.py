@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lods.batch import Claimed, Job, claim, release_claim, run_all, run_job, slug
 from lods.errors import UserError
+from lods.runs.batch import Claimed, Job, claim, release_claim, run_all, run_job, slug
 
 QUALITY_PROMPTS = {
     "single": [

@@ -14,7 +14,6 @@ measurement; on CUDA it is ``torch.cuda.max_memory_allocated``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import threading
 import time
@@ -145,42 +144,41 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def run_speed(prior_name: str, backbones: list[str], methods: list[str] | None = None, steps: int = 20,
+              device: str | None = None, out: str | Path | None = None) -> list[dict[str, Any]]:
+    """``measure_config`` for every backbone x estimator (``methods`` None: all); prints the table and writes
+    ``speed.json`` and ``speed.md`` into ``out`` when given."""
     from lods.trainer import load_prior, resolve_device
 
-    backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     bad = [b for b in backbones if b not in BACKBONE_BATCH]
     if bad or not backbones:
         raise UserError(f"unknown backbone(s) {', '.join(bad)}; choose from: gs, nerf, image")
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
+    methods = methods or list(METHODS)
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise UserError(f"unknown method(s) {', '.join(bad)}; choose from: {', '.join(METHODS)}")
-    steps = args.steps or 20
-    if steps < 1:
-        raise UserError("--steps must be at least 1")
-    device = resolve_device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    dev = resolve_device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available")
-    prior = load_prior(args.prior, device)
+    prior = load_prior(prior_name, dev)
     configs = [(b, m) for b in backbones for m in methods if not METHODS[m].edit_only or b == "image"]
     rows = []
     for backbone, method in tqdm(configs, desc="bench speed", unit="config"):
-        rows.append(measure_config(prior, backbone, method, steps=steps, prior_name=args.prior))
+        rows.append(measure_config(prior, backbone, method, steps=steps, prior_name=prior_name))
         tqdm.write(f"{backbone:6s} {method:11s} {rows[-1]['it_per_s']:6.2f} it/s")
     report = {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
-        "prior": args.prior,
+        "prior": prior_name,
         "rows": rows,
     }
     table = format_table(rows)
     print(table)
-    if args.out:
-        out = Path(args.out)
+    if out:
+        out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "speed.json").write_text(json.dumps(report, indent=2))
         (out / "speed.md").write_text(f"device {report['device_name']}, {report['torch_threads']} torch threads, "
-                                      f"prior {args.prior}\n\n{table}\n")
-    return 0
+                                      f"prior {prior_name}\n\n{table}\n")
+    return rows
