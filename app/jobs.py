@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from app.config import checked_knob
 from lods.compare import Comparison, Slot
 from lods.errors import UserError
 from lods.priors.base import DiffusionPrior
-from lods.runs import export_results
+from lods.runs import export_results, resolved_config
 from lods.trainer import RunConfig, Snapshot, Trainer, load_prior
 
 log = logging.getLogger(__name__)
@@ -448,7 +448,7 @@ def write_results(trainer: Trainer, out_dir: Path) -> list[Path]:
     """The run's result files (``lods.runs.export_results``), its config and its per-step metrics."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results = export_results(trainer, out_dir)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(asdict(trainer.config), sort_keys=False))
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved_config(trainer), sort_keys=False))
     lines = [json.dumps({k: _json_value(v) for k, v in row.items()}) for row in trainer.history]
     (out_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
     names = [v for k, v in results.items() if k != "metrics" and isinstance(v, str)]

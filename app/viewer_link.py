@@ -91,6 +91,9 @@ def connect_viewer(manager: JobManager, host: str, port: int, single_port: bool 
         server.clear()
         server.set_render_fn(trainer.render_camera if trainer.config.backbone == "nerf" else None)
         if hasattr(trainer.scene, "viewer_gaussians"):
+            from lods.export import run_pixel_variance
+
+            server.pixel_variance = run_pixel_variance(trainer.resolution, trainer.config.camera)
             trainer.step_listeners.append(splat_feed(server))
 
     manager.add_listener(server.update)

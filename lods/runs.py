@@ -147,7 +147,7 @@ def run_and_export(trainer: Trainer, out: Path, show_progress: bool = True, vide
     turntable video, for benchmarks)."""
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "config.yaml") as tmp:
-        tmp.write_text(yaml.safe_dump(asdict(trainer.config), sort_keys=False))
+        tmp.write_text(yaml.safe_dump(resolved_config(trainer), sort_keys=False))
     start_step, t0 = trainer.step, time.perf_counter()
     bar = tqdm(
         total=trainer.config.steps,
@@ -193,6 +193,19 @@ def run_and_export(trainer: Trainer, out: Path, show_progress: bool = True, vide
     return 0
 
 
+def resolved_config(trainer: Trainer) -> dict[str, Any]:
+    """The run's config with every default the trainer chose filled in: the values that actually ran
+    (device, CPU threads, render resolution, the learned parameters' learning rate, view prompts)."""
+    cfg = asdict(trainer.config)
+    cfg["device"] = str(trainer.device)
+    cfg["threads"] = torch.get_num_threads() if trainer.device.type == "cpu" else cfg["threads"]
+    cfg["resolution"] = int(trainer.resolution)
+    if cfg["learned_lr"] is None and getattr(trainer.estimator, "lr", None) is not None:
+        cfg["learned_lr"] = float(trainer.estimator.lr)
+    cfg["view_prompts"] = bool(trainer.view_prompts)
+    return cfg
+
+
 def _json_default(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
@@ -224,8 +237,11 @@ def export_results(trainer: Trainer, out: Path, views: int = 8, video_frames: in
         export.write_video(out / "turntable.mp4", export.to_uint8_frames(frames), fps=24)
         files["video"] = "turntable.mp4"
     if hasattr(scene, "to_ply_attributes"):
-        export.write_gaussians_ply(out / "scene.ply", **scene.to_ply_attributes())
-        files["scene"] = "scene.ply"
+        attrs = scene.to_ply_attributes()
+        export.write_gaussians_ply(out / "scene.ply", **attrs)
+        export.write_splat(out / "scene.splat", **attrs,
+                           pixel_variance=export.run_pixel_variance(trainer.resolution, trainer.config.camera))
+        files["scene"], files["splat"] = "scene.ply", "scene.splat"
     if trainer.config.backbone == "nerf":
         from lods.scenes.nerf import extract_mesh
 
