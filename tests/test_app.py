@@ -393,6 +393,16 @@ def test_prior_loaded_once_and_listener_errors_do_not_stop_training(manager, pri
 # ----------------------------------------------------------------------------- rules and helpers
 
 
+def test_result_scene_shown_in_3d_is_the_filtered_splat():
+    from app.ui import result_model
+
+    gs = ["d/views.png", "d/scene.ply", "d/scene.splat", "d/turntable.mp4"]
+    assert result_model(gs) == "d/scene.splat"
+    assert result_model(["d/views.png", "d/mesh.glb"]) == "d/mesh.glb"
+    assert result_model(["d/scene.ply"]) == "d/scene.ply"
+    assert result_model(["d/image.png"]) is None
+
+
 def test_model_policy():
     local = ModelPolicy.for_server("127.0.0.1", extra=["my/model"], env={})
     assert local.custom_ids and local.allowed == ("toy", "sd21", "my/model")
