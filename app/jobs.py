@@ -186,6 +186,7 @@ class JobManager:
                 if len(self._queue) >= self.max_queue:
                     raise UserError(f"the queue is full ({self.max_queue} runs wait); try again later")
                 self._queue.append((owner, config, compare))
+                log.info("run queued at position %d: %s", len(self._queue), describe(config, compare))
                 return len(self._queue)
         return self._start(config, owner, compare)
 
@@ -207,6 +208,7 @@ class JobManager:
                   out_dir=Path(tempfile.mkdtemp(prefix="lods-job-")))
         job.thread = threading.Thread(target=self._run, args=(job,), name=f"lods-job-{job.id}", daemon=True)
         self._job = job
+        log.info("run %d started: %s", job.id, describe(config, compare))
         stale = [self._kept.pop(owner, None)]
         if previous is not None:
             if previous.owner != owner and previous.files:
@@ -296,6 +298,7 @@ class JobManager:
                     trainer.estimator.close()  # detach LoRA adapters from the cached prior
                 except Exception:
                     log.exception("closing the estimator of run %d failed", job.id)
+            log_end(job)
             self._start_next()
 
     @staticmethod
@@ -453,6 +456,23 @@ def write_results(trainer: Trainer, out_dir: Path) -> list[Path]:
     (out_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
     names = [v for k, v in results.items() if k != "metrics" and isinstance(v, str)]
     return [out_dir / name for name in [*names, "config.yaml", "metrics.jsonl"] if (out_dir / name).is_file()]
+
+
+def describe(config: RunConfig, compare: list[RunConfig] | None = None) -> str:
+    """One line for the server log: what a run is."""
+    prompt = config.prompt if len(config.prompt) <= 60 else config.prompt[:57] + "..."
+    if compare is not None:
+        return f"a comparison of {len(compare)} configurations, {prompt!r}"
+    return (f"{config.method} on {config.backbone}, prior {config.prior}, cfg {config.cfg:g}, {config.steps} steps, "
+            f"{prompt!r}")
+
+
+def log_end(job: Job) -> None:
+    """The server log's line when a run ends: how, after how many steps, and why when it went wrong."""
+    trainers = job.comparison.trainers if job.comparison is not None else [job.trainer] if job.trainer else []
+    steps = sum(t.step for t in trainers)
+    text = f"run {job.id} {job.phase} after {steps} steps" + (f": {job.message}" if job.message else "")
+    (log.warning if job.phase in ("diverged", "failed") else log.info)(text)
 
 
 def _json_value(v: Any) -> Any:

@@ -18,6 +18,8 @@ OpenCV axes (x right, y down, z forward), which is also viser's camera conventio
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import logging
 import math
 import threading
@@ -98,7 +100,9 @@ class ViewerServer:
         self.camera_distance = camera_distance
         self.pixel_variance = pixel_variance
 
-        self.server = viser.ViserServer(host=host, port=port, label=label, verbose=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # viser prints a banner of its own address: the
+            # address to open is the app's page (or the line ``python -m viewer`` prints), not this one
+            self.server = viser.ViserServer(host=host, port=port, label=label, verbose=False)
         self.server.scene.set_up_direction("+y")
         self.server.initial_camera.position = tuple(orbit_position(*CAMERA_PRESETS["Front"], camera_distance))
         self.server.initial_camera.look_at = (0.0, 0.0, 0.0)
