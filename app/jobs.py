@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from app.config import checked_knob
+from lods import zerogpu
 from lods.compare import Comparison, Slot
 from lods.errors import UserError
 from lods.priors.base import DiffusionPrior
@@ -256,7 +257,9 @@ class JobManager:
         trainer = None
         try:
             config = job.config
-            device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            sliced = zerogpu.on_zerogpu() and not job.is_comparison  # the GPU only inside spaces.GPU calls
+            default = "cuda" if torch.cuda.is_available() else "cpu"
+            device = torch.device("cpu" if sliced else config.device or default)
             prior = self._prior(config.prior, device)
             with self._lock:
                 if job.stop_requested:
@@ -265,14 +268,15 @@ class JobManager:
             if job.is_comparison:
                 self._run_comparison(job, prior)
                 return
-            trainer = Trainer(config, prior=prior, on_snapshot=self._publish)
+            trainer = Trainer(replace(config, device="cpu") if sliced else config, prior=prior,
+                              on_snapshot=self._publish)
             with self._lock:
                 listeners = list(self._trainer_listeners)
             self._notify(listeners, trainer)
             with self._lock:
                 job.trainer = trainer
                 self._attach(job, trainer)
-            status = trainer.run()
+            status = zerogpu.run_sliced(trainer, device=config.device or "cuda") if sliced else trainer.run()
             files: list[Path] = []
             message = trainer.message
             if status == "done" or (status == "stopped" and job.export_on_stop and trainer.step > 0):

@@ -93,29 +93,36 @@ def train_slice(
         load_state(trainer, state)
         trainer.begin()
         deadline, start = time.monotonic() + seconds, trainer.step
-        while time.monotonic() < deadline and (max_steps is None or trainer.step - start < max_steps):
-            if not trainer.advance():
+        while trainer.advance():  # at least one step per slice, however short
+            if time.monotonic() >= deadline or (max_steps is not None and trainer.step - start >= max_steps):
                 break
         return to_cpu(trainer.state()), trainer.status, trainer.message
     finally:
         trainer.close()
 
 
+# Decorated when this module is imported (the app imports it at start-up): ZeroGPU looks for its
+# decorated functions before the server starts.
+gpu_train_slice = gpu()(train_slice)
+
+
 def run_sliced(
     trainer: Trainer,
     device: str = "cuda",
-    seconds: float = SLICE_SECONDS,
+    seconds: float | None = None,
     max_steps: int | None = None,
     call: Callable[..., tuple[dict[str, Any], str, str]] | None = None,
     prior: Any = None,
 ) -> str:
-    """Train ``trainer`` (built on the CPU) to the end in slices on ``device``; returns its final status.
+    """Train ``trainer`` (built on the CPU) to the end in slices of ``seconds`` (``SLICE_SECONDS``) on
+    ``device``; returns its final status.
 
-    ``call`` runs one slice (default: :func:`train_slice` under ``spaces.GPU``); ``prior`` is handed to
-    it (same-process callers only). Between slices: Pause waits, Stop ends the run, the new state is
-    loaded into ``trainer``, its step listeners run, a snapshot is published and, with an output
-    folder, a checkpoint is written."""
-    call = call or gpu()(train_slice)
+    ``call`` runs one slice (default: ``gpu_train_slice``, :func:`train_slice` under ``spaces.GPU``);
+    ``prior`` is handed to it (same-process callers only). Between slices: Pause waits, Stop ends the
+    run, the new state is loaded into ``trainer``, its step listeners run, a snapshot is published and,
+    with an output folder, a checkpoint is written."""
+    call = call or gpu_train_slice
+    seconds = SLICE_SECONDS if seconds is None else seconds
     config = asdict(replace(trainer.config, device=device))
     trainer.begin()
     while trainer.status == "running":

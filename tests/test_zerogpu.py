@@ -83,3 +83,32 @@ def test_zerogpu_is_recognised_by_the_spaces_variable():
     assert on_zerogpu({"SPACES_ZERO_GPU": "true"})
     assert not on_zerogpu({}) and not on_zerogpu({"SPACES_ZERO_GPU": "false"})
     assert gpu(30)(len) is len  # outside a ZeroGPU Space the decorator hands the function back
+
+
+def test_the_app_trains_in_slices_on_a_zerogpu_space(tiny_prior, monkeypatch):
+    from app.jobs import JobManager
+    from lods import zerogpu
+
+    slices = []
+
+    def slice_here(config, state, seconds, max_steps):
+        slices.append((config["device"], state["step"]))
+        config, state = pickle.loads(pickle.dumps((config, state)))
+        return pickle.loads(pickle.dumps(train_slice(config, state, seconds, max_steps, prior=tiny_prior)))
+
+    monkeypatch.setattr(zerogpu, "on_zerogpu", lambda env=None: True)
+    monkeypatch.setattr(zerogpu, "gpu_train_slice", slice_here)
+    monkeypatch.setattr(zerogpu, "SLICE_SECONDS", 0.0)  # one step per slice
+    snapshots = []
+    manager = JobManager(prior_factory=lambda name, device: tiny_prior, listeners=[snapshots.append],
+                         join_timeout=30)
+    try:
+        job = manager.start(config(steps=12, backbone="image", method="sds", prior="toy"), owner="a")
+        job.thread.join(60)
+        assert job.phase == "done", job.message
+        assert job.trainer.device.type == "cpu" and job.trainer.step == 12  # the host copy, on the CPU
+        assert slices == [("cpu", step) for step in range(12)]  # the worker's device; each goes on from the last
+        assert snapshots and snapshots[-1].step == 12
+        assert {p.name for p in job.files} >= {"image.png", "config.yaml"}
+    finally:
+        manager.shutdown()
