@@ -550,6 +550,9 @@ def test_viewer_hook(monkeypatch, manager):
     manager.start(gs, owner="a").thread.join(20)
     fed = [s for s in link.server.snapshots if isinstance(s, types.SimpleNamespace)]
     assert [s.step for s in fed] == [1, 2, 3, 4] and fed[0].gaussians["means"].shape[1] == 3
+    from lods.export import run_pixel_variance  # the training pixel filter of this run's 16 px renders
+
+    assert link.server.pixel_variance == pytest.approx(run_pixel_variance(16)) and link.server.pixel_variance > 0
     link.server.min_interval_s = proxied.server.min_interval_s = 3600.0  # one update an hour at most
     link.server.snapshots.clear()
     manager.start(gs, owner="a").thread.join(20)
