@@ -198,7 +198,7 @@ def resolved_config(trainer: Trainer) -> dict[str, Any]:
     (device, CPU threads, render resolution, the learned parameters' learning rate, view prompts)."""
     cfg = asdict(trainer.config)
     cfg["device"] = str(trainer.device)
-    cfg["threads"] = torch.get_num_threads() if trainer.device.type == "cpu" else cfg["threads"]
+    cfg["threads"] = torch.get_num_threads()  # the CPU threads torch used (set by the trainer on CPU)
     cfg["resolution"] = int(trainer.resolution)
     if cfg["learned_lr"] is None and getattr(trainer.estimator, "lr", None) is not None:
         cfg["learned_lr"] = float(trainer.estimator.lr)
