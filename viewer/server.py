@@ -338,7 +338,8 @@ class ViewerServer:
         self._sender.join(timeout=5.0)
         for view in views:
             view.stop(wait=True)
-        self.server.stop()
+        with contextlib.redirect_stdout(io.StringIO()):  # viser's own "Server stopped"
+            self.server.stop()
 
     def __enter__(self) -> ViewerServer:
         return self
