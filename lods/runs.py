@@ -197,7 +197,7 @@ def resolved_config(trainer: Trainer) -> dict[str, Any]:
     """The run's config with every default the trainer chose filled in: the values that actually ran
     (device, CPU threads, render resolution, the learned parameters' learning rate, view prompts)."""
     cfg = asdict(trainer.config)
-    cfg["device"] = str(trainer.device)
+    cfg["device"] = str(getattr(trainer, "sliced_on", trainer.device))  # ZeroGPU: the slices' device
     cfg["threads"] = torch.get_num_threads()  # the CPU threads torch used (set by the trainer on CPU)
     cfg["resolution"] = int(trainer.resolution)
     if cfg["learned_lr"] is None and getattr(trainer.estimator, "lr", None) is not None:

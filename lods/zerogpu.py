@@ -124,6 +124,7 @@ def run_sliced(
     call = call or gpu_train_slice
     seconds = SLICE_SECONDS if seconds is None else seconds
     config = asdict(replace(trainer.config, device=device))
+    trainer.sliced_on = device  # config.yaml reports where the training ran
     trainer.begin()
     while trainer.status == "running":
         trainer._resume_event.wait()

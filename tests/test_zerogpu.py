@@ -103,12 +103,16 @@ def test_the_app_trains_in_slices_on_a_zerogpu_space(tiny_prior, monkeypatch):
     manager = JobManager(prior_factory=lambda name, device: tiny_prior, listeners=[snapshots.append],
                          join_timeout=30)
     try:
-        job = manager.start(config(steps=12, backbone="image", method="sds", prior="toy"), owner="a")
+        # "cpu:0" stands for the GPU: the device the slices get (the host's trainer is on "cpu")
+        job = manager.start(config(steps=12, backbone="image", method="sds", prior="toy", device="cpu:0"), owner="a")
         job.thread.join(60)
         assert job.phase == "done", job.message
         assert job.trainer.device.type == "cpu" and job.trainer.step == 12  # the host copy, on the CPU
-        assert slices == [("cpu", step) for step in range(12)]  # the worker's device; each goes on from the last
+        assert slices == [("cpu:0", step) for step in range(12)]  # the worker's device; each goes on from the last
         assert snapshots and snapshots[-1].step == 12
         assert {p.name for p in job.files} >= {"image.png", "config.yaml"}
+        import yaml
+
+        assert yaml.safe_load((job.out_dir / "config.yaml").read_text())["device"] == "cpu:0"  # the slices' device
     finally:
         manager.shutdown()
