@@ -195,8 +195,18 @@ def run_and_export(trainer: Trainer, out: Path, show_progress: bool = True, vide
 
 def resolved_config(trainer: Trainer) -> dict[str, Any]:
     """The run's config with every default the trainer chose filled in: the values that actually ran
-    (device, CPU threads, render resolution, the learned parameters' learning rate, view prompts)."""
+    (device, CPU threads, render resolution, the learned parameters' learning rate, view prompts, and
+    every field of the scene's, the estimator's and the cameras' settings). ``--resume`` reads it back."""
+    from dataclasses import is_dataclass
+
     cfg = asdict(trainer.config)
+    scene_config = getattr(trainer.scene, "config", None)
+    section = {"gs": "gaussians", "nerf": "nerf", "image": "image"}[trainer.config.backbone]
+    if is_dataclass(scene_config):
+        cfg[section] = asdict(scene_config)
+    cfg["camera"] = {k: list(v) for k, v in asdict(trainer.camera_range).items()}
+    if is_dataclass(getattr(trainer.estimator, "config", None)):
+        cfg["guidance"] = {**asdict(trainer.estimator.config), "lr": float(trainer.estimator.lr)}
     cfg["device"] = str(getattr(trainer, "sliced_on", trainer.device))  # ZeroGPU: the slices' device
     cfg["threads"] = torch.get_num_threads()  # the CPU threads torch used (set by the trainer on CPU)
     cfg["resolution"] = int(trainer.resolution)

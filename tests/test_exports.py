@@ -74,6 +74,16 @@ def test_config_yaml_holds_the_values_that_ran(gs_run):
     assert config["learned_lr"] > 0  # lods-embed's default, written out
     assert config["view_prompts"] is True  # on for priors other than the toy one
     assert None not in (config["device"], config["threads"], config["resolution"], config["learned_lr"])
+    from dataclasses import fields
+
+    from lods.cameras import CameraRange
+    from lods.guidance import GuidanceConfig
+
+    assert set(config["gaussians"]) == {f.name for f in fields(GaussianConfig)}  # every scene setting
+    assert config["gaussians"]["num_points"] == 300 and config["gaussians"]["sh_degree"] == 0
+    assert set(config["guidance"]) == {f.name for f in fields(GuidanceConfig)}
+    assert config["guidance"]["lr"] == config["learned_lr"] and config["guidance"]["schedule"]["max_frac"] == 0.98
+    assert config["camera"] == {k: list(v) for k, v in CameraRange().__dict__.items()}
 
 
 @pytest.mark.parametrize("sh_degree", [0, 2, 3])
