@@ -12,6 +12,8 @@ The Python entry points (``lods.api``), with the same config keys as ``python -m
 - ``estimator(method, prior, **guidance)``: one of ``METHODS`` (SDS, SDS-ref, SDS-norm, LODS-embed,
   LODS-LoRA, VSD, CFG-anneal, DDS) as a score estimator on a prior.
 - ``RunConfig``, ``Trainer``: the run's config and Algorithm 1's loop, for stepping a run yourself.
+- ``DiffusionPrior`` (the protocol), ``DiffusersPrior``; ``Estimator`` and its classes ``Sds``,
+  ``SdsRef``, ``SdsNorm``, ``LodsEmbed``, ``LodsLora``, ``Vsd``, ``CfgAnneal``, ``Dds``.
 """
 
 import os
@@ -25,6 +27,10 @@ _API = {
     "run_config": "lods.api", "Result": "lods.api", "make_estimator": "lods.guidance", "METHODS": "lods.guidance",
     "GuidanceConfig": "lods.guidance", "RunConfig": "lods.trainer", "Trainer": "lods.trainer",
     "BACKBONES": "lods.trainer", "UserError": "lods.errors",
+    # the priors and the estimators as classes
+    "DiffusionPrior": "lods.priors.base", "DiffusersPrior": "lods.priors.diffusers_prior",
+    **{name: "lods.guidance" for name in (
+        "Estimator", "Sds", "SdsRef", "SdsNorm", "LodsEmbed", "LodsLora", "Vsd", "CfgAnneal", "Dds")},
 }
 __all__ = sorted(_API)
 

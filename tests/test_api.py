@@ -12,8 +12,11 @@ from lods.errors import UserError
 def test_import_lods_alone_does_not_import_torch():
     code = "import sys, lods; assert 'torch' not in sys.modules; print(sorted(lods.__all__))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    for name in ("generate", "edit", "load_prior", "estimator", "RunConfig", "METHODS"):
+    for name in ("generate", "edit", "load_prior", "estimator", "RunConfig", "METHODS", "DiffusersPrior", "LodsEmbed"):
         assert name in out
+    assert lods.LodsEmbed is lods.METHODS["lods-embed"] and lods.DiffusersPrior.__name__ == "DiffusersPrior"
+    with pytest.raises(AttributeError):
+        lods.no_such_thing  # noqa: B018
 
 
 def test_run_config_merges_like_the_command_line(tmp_path):
