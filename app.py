@@ -52,8 +52,15 @@ def server_port(arg: int | None, env: Mapping[str, str] = os.environ) -> int:
     return arg or int(env.get("GRADIO_SERVER_PORT") or 7860)
 
 
+def page_url(local_url: str) -> str:
+    """The address to open, as the last line of the terminal (0.0.0.0 is no address for a browser)."""
+    return local_url.replace("//0.0.0.0:", "//127.0.0.1:").replace("//[::]:", "//127.0.0.1:")
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "websockets"):  # every startup request and socket, at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parse_args(argv)
     host, port = server_host(args.host), server_port(args.port)
     single_port = args.single_port or bool(os.environ.get("SPACE_ID"))
@@ -67,16 +74,18 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM (a service manager, a Space restarting) ends like Ctrl-C: the run stops and its folder goes.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        fastapi_app, _, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True,
-                                        **launch_options())
+        fastapi_app, local_url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True,
+                                                quiet=True, **launch_options())
         if viewer is not None and single_port:
             viewer.mount(fastapi_app)
+        print(f"LODS Studio is running: open {page_url(local_url)} (Ctrl-C to quit)", flush=True)
         demo.block_thread()
     finally:
         manager.shutdown(timeout=10)
         if viewer is not None:
             viewer.stop()
-        demo.close()
+        demo.close(verbose=False)
+        print("LODS Studio stopped.", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from app.config import page_knob
+from lods import zerogpu
 from lods.config import Knobs, RunConfig
 from lods.errors import UserError, one_line
 from lods.priors.base import DiffusionPrior
@@ -235,7 +236,7 @@ class JobManager:
                 if len(self._queue) >= self.max_queue:
                     raise UserError(f"the queue is full ({self.max_queue} runs wait); try again later")
                 self._queue.append((owner, config, compare))
-                log.info("a run of %s is queued at position %d", config.prompt[:60], len(self._queue))
+                log.info("run queued at position %d: %s", len(self._queue), describe(config, compare))
                 return len(self._queue)
         return self._start(config, owner, compare)
 
@@ -261,6 +262,7 @@ class JobManager:
         if self._watchdog is None and self.abandon_after_s > 0:
             self._watchdog = threading.Thread(target=self._watch, name="lods-abandoned-runs", daemon=True)
             self._watchdog.start()
+        log.info("run %d started: %s", job.id, describe(config, compare))
         stale = [self._kept.pop(owner, None)]
         if previous is not None:
             if previous.owner != owner and previous.files:
@@ -300,14 +302,6 @@ class JobManager:
             except Exception:
                 log.exception("a job listener failed; training goes on")
 
-    @staticmethod
-    def _log_state(job: Job, event: Any) -> None:
-        """A line in the server log when a run starts, pauses or ends (diverged runs say why)."""
-        trainer = event.trainer
-        extra = f": {trainer.message}" if event.status in ("diverged", "failed") and trainer.message else ""
-        log.info("run %d (%s, %s, %r) %s at step %d%s", job.id, trainer.config.method, trainer.config.backbone,
-                 trainer.config.prompt[:60], event.status, event.step, extra)
-
     def _publish(self, snapshot: Snapshot) -> None:
         with self._lock:
             listeners = list(self._listeners)
@@ -318,7 +312,8 @@ class JobManager:
         trainer = None
         try:
             config = job.config
-            device = resolve_device(config.device)
+            sliced = zerogpu.on_zerogpu() and not job.is_comparison  # the GPU only inside spaces.GPU calls
+            device = torch.device("cpu") if sliced else resolve_device(config.device)
             prior = self._prior(config.prior, device)
             with self._lock:
                 if job.stop_requested:
@@ -327,16 +322,15 @@ class JobManager:
             if job.is_comparison:
                 self._run_comparison(job, prior)
                 return
-            trainer = Trainer(config, prior=prior, out_dir=job.out_dir)
+            trainer = Trainer(replace(config, device="cpu") if sliced else config, prior=prior, out_dir=job.out_dir)
             trainer.subscribe(lambda e: self._publish(e.snapshot) if e.kind == "snapshot" else None)
-            trainer.subscribe(lambda e: self._log_state(job, e) if e.kind == "state" else None)
             with self._lock:
                 listeners = list(self._trainer_listeners)
             self._notify(listeners, trainer)
             with self._lock:
                 job.trainer = trainer
                 self._attach(job, trainer)
-            status = trainer.run()
+            status = zerogpu.run_sliced(trainer, device=config.device or "cuda") if sliced else trainer.run()
             files: list[Path] = []
             message = trainer.message
             if status == "done" or (status == "stopped" and job.export_on_stop and trainer.step > 0):
@@ -362,6 +356,7 @@ class JobManager:
                     trainer.estimator.close()  # detach LoRA adapters from the cached prior
                 except Exception:
                     log.exception("closing the estimator of run %d failed", job.id)
+            log_end(job)
             self._start_next()
 
     @staticmethod
@@ -518,6 +513,23 @@ def write_results(trainer: Trainer, out_dir: Path, status: str = "done") -> list
     """The run folder's files (``lods.runs.write_run_folder``, the CLI's writer): results, summary, metrics,
     config and checkpoint."""
     return write_run_folder(trainer, out_dir, status)[1]
+
+
+def describe(config: RunConfig, compare: list[RunConfig] | None = None) -> str:
+    """One line for the server log: what a run is."""
+    prompt = config.prompt if len(config.prompt) <= 60 else config.prompt[:57] + "..."
+    if compare is not None:
+        return f"a comparison of {len(compare)} configurations, {prompt!r}"
+    return (f"{config.method} on {config.backbone}, prior {config.prior}, cfg {config.cfg:g}, {config.steps} steps, "
+            f"{prompt!r}")
+
+
+def log_end(job: Job) -> None:
+    """The server log's line when a run ends: how, after how many steps, and why when it went wrong."""
+    trainers = job.comparison.trainers if job.comparison is not None else [job.trainer] if job.trainer else []
+    steps = sum(t.step for t in trainers)
+    text = f"run {job.id} {job.phase} after {steps} steps" + (f": {job.message}" if job.message else "")
+    (log.warning if job.phase in ("diverged", "failed") else log.info)(text)
 
 
 def _remove(folder: Path) -> None:

@@ -180,6 +180,19 @@ def status_text(job: Job | None, viewer: str) -> str:
     return f"{head}  \n{detail}"
 
 
+MODEL_FILES = (".splat", ".glb", ".ply")  # what the 3D tab shows, in this order of preference
+
+
+def result_model(paths: list[str]) -> str | None:
+    """The file ``gr.Model3D`` shows: the splats with the training views' pixel filter (``scene.splat``,
+    the colours and opacity of the renders), else a NeRF's mesh, else the raw ``scene.ply``."""
+    for suffix in MODEL_FILES:
+        found = next((p for p in paths if p.endswith(suffix)), None)
+        if found:
+            return found
+    return None
+
+
 def on_event_loop(fn: Any) -> Any:
     """``fn`` as a coroutine function, so that Gradio calls it on its event loop instead of handing it to
     a worker thread: for the quick, non-blocking callbacks (the timer, the knobs), one thread hop and its
@@ -508,7 +521,7 @@ class Studio:
         # Your own last run's files only: another session's run shows its renders, never its file URLs.
         mine = kept if kept is not None else (job if job.owner == me else None)
         paths = [str(p) for p in mine.files] if mine is not None else []
-        model = next((p for p in paths if p.endswith((".ply", ".glb"))), None)
+        model = result_model(paths)
         return model, paths or None, gr.update(value="Resume" if job.state == "paused" else "Pause")
 
     def watch(self, view: dict | None, compare_view: dict | None, request: gr.Request = None) -> tuple:

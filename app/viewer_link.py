@@ -100,6 +100,10 @@ def connect_viewer(manager: JobManager, host: str, port: int, single_port: bool 
     def follow(trainer: Any) -> None:
         server.clear()
         server.set_render_fn(trainer.render_camera if trainer.scene.live_view == "render" else None)
+        if trainer.scene.live_view == "splats":
+            from lods.export import run_pixel_variance
+
+            server.pixel_variance = run_pixel_variance(trainer.resolution, trainer.config.camera)
         trainer.subscribe(splat_feed(server) if trainer.scene.live_view == "splats" else _snapshots_to(server))
 
     manager.add_trainer_listener(follow)

@@ -33,7 +33,7 @@ BACKBONES = ("gs", "nerf", "image")
 LIVE_KNOBS = ("cfg", "lr_scale", "learned_lr")  # the knobs a running run accepts; the same names everywhere
 KNOB_LABELS = {"cfg": "CFG weight", "lr_scale": "scene learning-rate scale",
                "learned_lr": "learned-parameter learning rate"}
-DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?")
+DEVICE_RE = re.compile(r"(cpu|cuda)(:\d+)?")
 MAX_PROMPT = 1000
 _RANGES = (  # (field, lowest, highest) of the integer settings
     ("steps", 1, 10_000_000),

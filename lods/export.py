@@ -1,4 +1,4 @@
-"""Exports that other tools open: 3DGS ``.ply``, ``.glb`` meshes, turntable ``.mp4``, ``.png``.
+"""Exports that other tools open: 3DGS ``.ply``, web ``.splat``, ``.glb`` meshes, turntable ``.mp4``, ``.png``.
 
 Every write is atomic (a temporary file in the same folder, then a rename), so a run killed in the
 middle of a write never leaves a torn file behind.
@@ -50,9 +50,10 @@ def write_gaussians_ply(
     rotation: np.ndarray,
     normals: np.ndarray | None = None,
 ) -> Path:
-    """Write Gaussians in the standard 3DGS layout read by common splat viewers and ``gr.Model3D``.
+    """Write Gaussians in the reference 3DGS layout read by common splat viewers and ``gr.Model3D``.
 
-    ``xyz`` (N, 3); ``f_dc`` (N, 3) degree-0 SH; ``f_rest`` (N, 3 * (K - 1)) the higher SH coefficients,
+    ``xyz`` (N, 3); ``f_dc`` (N, 3) degree-0 SH; ``f_rest`` (N, 3 * (K - 1)) the higher SH coefficients
+    (``GaussianScene.to_ply_attributes`` pads them to degree 3, the 45 ``f_rest_*`` of the reference code),
     channel-major (all red, then green, then blue, as 3DGS stores them); ``opacity`` (N,) or (N, 1) logits;
     ``scale`` (N, 3) log scales; ``rotation`` (N, 4) quaternions wxyz. The keyword names match
     ``GaussianScene.to_ply_attributes()``.
@@ -75,6 +76,122 @@ def write_gaussians_ply(
     with atomic_path(path) as tmp:
         PlyData([PlyElement.describe(data, "vertex")]).write(str(tmp))
     return Path(path)
+
+
+PLY_FIELDS = {  # to_ply_attributes key -> .ply vertex properties (f_rest: every f_rest_i there is)
+    "xyz": ("x", "y", "z"),
+    "normals": ("nx", "ny", "nz"),
+    "f_dc": ("f_dc_0", "f_dc_1", "f_dc_2"),
+    "opacity": ("opacity",),
+    "scale": ("scale_0", "scale_1", "scale_2"),
+    "rotation": ("rot_0", "rot_1", "rot_2", "rot_3"),
+}
+
+
+def read_gaussians_ply(path: str | Path) -> dict[str, np.ndarray]:
+    """The stored (not activated) values of a 3DGS ``.ply``, keyed as ``GaussianScene.to_ply_attributes``:
+    ``xyz``, ``normals``, ``f_dc``, ``f_rest`` (N, 3 * (K - 1), channel-major), ``opacity`` (N, 1) logits,
+    ``scale`` (N, 3) log scales, ``rotation`` (N, 4) wxyz. Raises ``ValueError`` when a property is missing."""
+    from plyfile import PlyData
+
+    vertex = PlyData.read(str(path))["vertex"].data
+    names = vertex.dtype.names
+    out: dict[str, np.ndarray] = {}
+    for key, props in PLY_FIELDS.items():
+        if key == "normals" and "nx" not in names:
+            out[key] = np.zeros((len(vertex), 3), np.float32)
+            continue
+        missing = [p for p in props if p not in names]
+        if missing:
+            raise ValueError(f"{path}: not a 3DGS .ply, missing vertex properties {', '.join(missing)}")
+        out[key] = np.stack([np.asarray(vertex[p], np.float32) for p in props], axis=-1)
+    k = sum(1 for name in names if name.startswith("f_rest_"))
+    out["f_rest"] = np.stack([np.asarray(vertex[f"f_rest_{i}"], np.float32) for i in range(k)], axis=-1) if k else (
+        np.zeros((len(vertex), 0), np.float32))
+    return {key: out[key] for key in ("xyz", "normals", "f_dc", "f_rest", "opacity", "scale", "rotation")}
+
+
+SPLAT_DTYPE = np.dtype([("position", "<f4", 3), ("scale", "<f4", 3), ("rgba", "u1", 4), ("rotation", "u1", 4)])
+SH_C0 = 0.28209479177387814  # degree-0 real spherical harmonic (as in lods.scenes.rasterize)
+DILATION_PX2 = 0.3  # the low-pass variance (pixels^2) every 3DGS rasterizer adds to a projected Gaussian
+
+
+def training_pixel_variance(resolution: int, fovy_deg: float, distance: float) -> float:
+    """World-space variance (units^2) of the rasterizer's 0.3 px^2 low-pass filter at the training views.
+
+    A scene trained at low resolution (64 px on the toy prior) relies on that filter: its sub-pixel
+    Gaussians were seen dilated to about a pixel. A viewer drawing it at a higher resolution dilates
+    them by its own, much smaller, pixels, so they look thinner: the object paler and more transparent.
+    Adding this variance to every 3D covariance (Mip-Splatting's 3D smoothing filter) gives a
+    display at any resolution the footprint that training saw."""
+    focal = 0.5 * resolution / np.tan(np.radians(fovy_deg) / 2)
+    return float(DILATION_PX2 * (distance / focal) ** 2)
+
+
+def run_pixel_variance(resolution: int, camera=None) -> float:
+    """:func:`training_pixel_variance` at the middle of a run's camera ranges (``RunConfig.camera``: a
+    ``CameraRange`` or its plain values)."""
+    from lods.cameras import CameraRange
+
+    cams = camera if isinstance(camera, CameraRange) else CameraRange(**(camera or {}))
+    return training_pixel_variance(resolution, float(np.mean(cams.fovy)), float(np.mean(cams.distance)))
+
+
+def display_log_scales(log_scales: np.ndarray, pixel_variance: float) -> np.ndarray:
+    """Log scales with ``pixel_variance`` added to each axis' variance (the rotation is unchanged)."""
+    return 0.5 * np.log(np.exp(2 * np.asarray(log_scales, np.float64)) + pixel_variance)
+
+
+def write_splat(
+    path: str | Path,
+    xyz: np.ndarray,
+    f_dc: np.ndarray,
+    opacity: np.ndarray,
+    scale: np.ndarray,
+    rotation: np.ndarray,
+    pixel_variance: float = 0.0,
+    **_: np.ndarray,
+) -> Path:
+    """The compact ``.splat`` web format: 32 bytes per Gaussian, little-endian, no header.
+
+    Per Gaussian: position (3 float32), linear scale (3 float32), colour RGBA (4 uint8: the degree-0
+    colour and the sigmoid opacity), rotation (4 uint8: the unit quaternion wxyz mapped by
+    ``q * 128 + 128``); sorted by ``exp(sum of log scales) * opacity``, largest first, as web viewers
+    expect. View-dependent colour (``f_rest``) is dropped. ``pixel_variance`` (see
+    :func:`training_pixel_variance`) is added to each axis' variance, so that a web viewer shows the
+    trained footprint. Takes ``to_ply_attributes()`` as keywords."""
+    n = len(xyz)
+    logit = np.asarray(opacity, np.float64).reshape(n)
+    alpha = 1.0 / (1.0 + np.exp(-logit))
+    log_s = display_log_scales(scale, pixel_variance) if pixel_variance else np.asarray(scale, np.float64)
+    order = np.argsort(-np.exp(log_s.sum(1)) * alpha, kind="stable")
+    q = np.asarray(rotation, np.float64)
+    q = q / np.linalg.norm(q, axis=1, keepdims=True).clip(min=1e-12)
+    rgb = 0.5 + SH_C0 * np.asarray(f_dc, np.float64)
+    data = np.empty(n, SPLAT_DTYPE)
+    data["position"] = np.asarray(xyz, np.float32)
+    data["scale"] = np.exp(log_s).astype(np.float32)
+    data["rgba"] = (np.clip(np.concatenate([rgb, alpha[:, None]], axis=1), 0, 1) * 255).round().astype(np.uint8)
+    data["rotation"] = np.clip(np.round(q * 128 + 128), 0, 255).astype(np.uint8)
+    with atomic_path(path) as tmp:
+        data[order].tofile(tmp)
+    return Path(path)
+
+
+def read_splat(path: str | Path) -> dict[str, np.ndarray]:
+    """A ``.splat`` file decoded: ``position`` (N, 3), ``scale`` (N, 3) linear, ``rgba`` (N, 4) in [0, 1],
+    ``rotation`` (N, 4) unit wxyz quaternions (as quantized)."""
+    raw = Path(path).read_bytes()
+    if len(raw) % SPLAT_DTYPE.itemsize:
+        raise ValueError(f"{path}: {len(raw)} bytes is not a whole number of 32-byte splats")
+    data = np.frombuffer(raw, SPLAT_DTYPE)
+    q = (data["rotation"].astype(np.float32) - 128) / 128
+    return {
+        "position": data["position"].copy(),
+        "scale": data["scale"].copy(),
+        "rgba": data["rgba"].astype(np.float32) / 255,
+        "rotation": q / np.linalg.norm(q, axis=1, keepdims=True).clip(min=1e-12),
+    }
 
 
 def write_mesh_glb(path: str | Path, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None) -> Path:

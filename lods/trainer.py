@@ -151,6 +151,7 @@ class Trainer:
         self.preview_cameras = turntable(config.preview_views, self.resolution)
         self.timer = PhaseTimer(enabled=False, device=self.device)  # enabled by `bench speed`
         self.checkpoint_step: int | None = None  # step of the last checkpoint written or loaded
+        self.trains_on: str | None = None  # where the steps run when not here (lods.zerogpu's GPU slices)
         self._t_last = time.perf_counter()
         self._rate_step = 0
         self._rate = 0.0
@@ -161,6 +162,11 @@ class Trainer:
         """``handler(event)`` runs in the training thread for every step, snapshot and state change."""
         with self.lock:
             self._subscribers.append(handler)
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        """Send an event to every subscriber (the trainer's own; a driver that trains it elsewhere, in GPU
+        slices, announces the steps it brought back)."""
+        self._emit(kind, **fields)
 
     def _emit(self, kind: str, **fields: Any) -> None:
         with self.lock:
@@ -420,13 +426,14 @@ class Trainer:
         """The config as it runs now: every default resolved (by the prior), the live knobs' current values."""
         with self.lock:
             knobs = self.knobs
+        resolved = {**self._resolved, "device": self.trains_on or self._resolved["device"]}
         return dataclasses.replace(
             self.config,
             cfg=knobs.cfg,
             lr_scale=knobs.lr_scale,
             learned_lr=knobs.learned_lr if knobs.learned_lr is not None else self.estimator.lr,
-            threads=torch.get_num_threads() if self.device.type == "cpu" else self.config.threads,
-            **self._resolved,
+            threads=torch.get_num_threads(),  # torch's CPU threads (set here on CPU)
+            **resolved,
         )
 
     def state(self) -> dict[str, Any]:
@@ -465,7 +472,10 @@ class Trainer:
         differently from the checkpoint's config applies from here on: the live knobs (CFG weight,
         learning-rate scale, learned rate) as recorded knob changes, the scene learning rates and the
         step count directly; a change of anything that shaped the saved state is refused."""
-        ck = checkpoint.load(path)
+        self.load_state(checkpoint.load(path), where=str(path))
+
+    def load_state(self, ck: dict[str, Any], where: str = "the checkpoint") -> None:
+        """:meth:`load_checkpoint` from a :meth:`state` dictionary already in memory (a GPU slice's result)."""
         saved = RunConfig.from_dict(ck["config"])
         check_resumable(saved, self.config)
         try:
@@ -475,7 +485,7 @@ class Trainer:
             self.optimizer.load_state_dict(ck["optimizer"])
             self.estimator.load_state_dict(ck["estimator"])
         except (RuntimeError, ValueError, KeyError) as err:
-            raise UserError(f"{path} does not fit this run ({str(err).splitlines()[0][:120]})") from err
+            raise UserError(f"{where} does not fit this run ({str(err).splitlines()[0][:120]})") from err
         with self.lock:
             self.knobs = dataclasses.replace(self.knobs, **ck["knobs"])
             self.knob_changes = list(ck["knob_changes"])

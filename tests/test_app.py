@@ -12,6 +12,7 @@ import os
 import socket
 import time
 import types
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -393,6 +394,40 @@ def test_prior_loaded_once_and_listener_errors_do_not_stop_training(manager, pri
 # ----------------------------------------------------------------------------- rules and helpers
 
 
+def test_server_log_says_when_runs_start_queue_end_and_diverge(manager, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="app.jobs")
+    base = {k: v for k, v in GOOD.items() if k != "custom_model"}
+    first = manager.start_or_queue(build_run_config(**{**base, "steps": 4}, overrides=OVERRIDES), owner="a")
+    queued = manager.start_or_queue(build_run_config(**{**base, "steps": 30}, overrides={
+        **OVERRIDES, "max_grad_norm_jump": 1.000001}), owner="b")
+    assert queued == 1
+    first.thread.join(20)
+    second = wait_for(lambda: manager.current() if manager.current() is not first else None)
+    second.thread.join(30)
+    assert second.phase == "diverged"
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "app.jobs"]
+    text = "\n".join(m for _, m in lines)
+    assert f"run {first.id} started: lods-embed on image, prior toy, cfg 50, 4 steps, 'a red cube'" in text
+    assert "run queued at position 1: lods-embed on image" in text
+    assert f"run {first.id} done after 4 steps" in text
+    assert f"run {second.id} started" in text
+    assert any(level == "WARNING" and m.startswith(f"run {second.id} diverged after") for level, m in lines)
+    order = [m.split(":")[0] for _, m in lines]
+    assert order.index(f"run {first.id} done after 4 steps") < order.index(f"run {second.id} started")
+
+
+def test_result_scene_shown_in_3d_is_the_filtered_splat():
+    from app.ui import result_model
+
+    gs = ["d/views.png", "d/scene.ply", "d/scene.splat", "d/turntable.mp4"]
+    assert result_model(gs) == "d/scene.splat"
+    assert result_model(["d/views.png", "d/mesh.glb"]) == "d/mesh.glb"
+    assert result_model(["d/scene.ply"]) == "d/scene.ply"
+    assert result_model(["d/image.png"]) is None
+
+
 def test_model_policy():
     local = ModelPolicy.for_server("127.0.0.1", extra=["my/model"], env={})
     assert local.custom_ids and local.allowed == ("toy", "sd21", "my/model")
@@ -425,6 +460,37 @@ def test_entry_point_host_and_port():
     assert main.server_port(None, {"GRADIO_SERVER_PORT": "7861"}) == 7861
     args = main.parse_args(["--allow-model", "a/b", "--allow-model", "c/d", "--single-port"])
     assert args.allow_model == ["a/b", "c/d"] and args.single_port and args.prior == "toy"
+
+
+def test_terminal_ends_with_the_page_address_once():
+    """``python app.py`` prints the page's address last and once, not the embedded viewer's banner first."""
+    import subprocess
+    import sys
+    import threading
+
+    def free() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port, viewer_port = free(), free()
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--viewer-port", str(viewer_port)],
+                            cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        wait_for(lambda: any("LODS Studio is running" in line for line in lines), timeout=120)
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read()  # the page answers there
+        time.sleep(2)  # anything printed after the address would show up now
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    text = [line.rstrip() for line in lines if line.strip()]
+    address = f"LODS Studio is running: open http://127.0.0.1:{port}/ (Ctrl-C to quit)"
+    assert address in text and text.count(address) == 1
+    assert text[-2:] == [address, "LODS Studio stopped."]  # nothing while it ran; one line when it stopped
+    assert not any("viser" in t or str(viewer_port) in t for t in text[: text.index(address)])
 
 
 def test_plot_frames_mark_knob_changes():
@@ -487,6 +553,9 @@ def test_viewer_hook(monkeypatch, manager):
     manager.start(gs, owner="a").thread.join(20)
     fed = [s for s in link.server.snapshots if s.previews is None]
     assert [s.step for s in fed] == [1, 2, 3, 4] and fed[0].gaussians["means"].shape[1] == 3
+    from lods.export import run_pixel_variance  # the training pixel filter of this run's 16 px renders
+
+    assert link.server.pixel_variance == pytest.approx(run_pixel_variance(16)) and link.server.pixel_variance > 0
     link.server.min_interval_s = proxied.server.min_interval_s = 3600.0  # one update an hour at most
     link.server.snapshots.clear()
     manager.start(gs, owner="a").thread.join(20)
@@ -535,8 +604,8 @@ def test_page_in_a_browser(server):
 
 
 def test_comparison_steps_its_runs_in_turn():
+    from lods.config import RunConfig
     from lods.runs.compare import PRESETS, comparison_configs
-    from lods.trainer import RunConfig
 
     assert [(s.method, s.cfg) for s in PRESETS["cfg-sweep"]] == [
         ("lods-embed", 30.0), ("lods-embed", 100.0), ("lods-embed", 1000.0), ("lods-embed", math.inf)]

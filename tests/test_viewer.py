@@ -151,6 +151,22 @@ def test_server_streams_latest_snapshot_throttled_and_stops_cleanly():
             busy.close()
 
 
+def test_viewer_sends_splats_with_the_training_pixel_filter(capsys):
+    g = gaussians(20, seed=4)
+    var = 4e-4
+    viewer = ViewerServer(host="127.0.0.1", port=free_port(), pixel_variance=var)
+    try:
+        viewer.show_gaussians(g)
+        sent = viewer._splats.covariances  # what goes to the browser (float16 on the wire)
+        np.testing.assert_allclose(sent, g["covariances"] + var * np.eye(3), rtol=2e-3, atol=1e-6)
+        viewer.pixel_variance = 0.0
+        viewer.show_gaussians(g)
+        np.testing.assert_allclose(viewer._splats.covariances, g["covariances"], rtol=2e-3, atol=1e-6)
+    finally:
+        viewer.stop()
+    assert "viser" not in capsys.readouterr().out  # no banner of its own address
+
+
 def test_render_size_keeps_aspect_and_canvas_bound():
     assert render_size(1.5, 96) == (96, 64)
     assert render_size(0.5, 96) == (48, 96)

@@ -16,6 +16,26 @@ from viewer.ply import read_gaussians_ply
 from viewer.server import ViewerServer
 
 RESULT_FILES = ("scene.ply", "mesh.glb")
+DESCRIPTION = (
+    "Open a finished LODS Studio result in the 3D viewer: scene.ply (a Gaussian-splat run) or else "
+    "mesh.glb (a NeRF run), until Ctrl-C. A path to one of those files works too."
+)
+
+
+def pixel_variance_of(result: Path) -> float:
+    """The pixel filter of the run that wrote ``result`` (``lods.export.run_pixel_variance``), from the
+    ``config.yaml`` beside it: its resolution and cameras. 0 when there is no readable config."""
+    import yaml
+
+    from lods.export import run_pixel_variance
+
+    path = result.parent / "config.yaml"
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+        resolution = config.get("resolution") or (64 if config.get("prior", "toy") == "toy" else 512)
+        return run_pixel_variance(int(resolution), config.get("camera") or {})
+    except (OSError, yaml.YAMLError, TypeError, ValueError, AttributeError):
+        return 0.0
 
 
 def find_result(path: Path) -> Path:
@@ -52,7 +72,7 @@ def load_result(path: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m viewer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m viewer", description=DESCRIPTION)
     parser.add_argument("result", type=Path, help="a result folder (or its scene.ply / mesh.glb)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 to share on the network")
     parser.add_argument("--port", type=int, default=8080, help="port to try first (the next free one is used)")
@@ -64,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    viewer = ViewerServer(host=args.host, port=args.port, label=f"LODS Studio: {path.parent.name or path.name}")
+    viewer = ViewerServer(host=args.host, port=args.port, label=f"LODS Studio: {path.parent.name or path.name}",
+                          pixel_variance=pixel_variance_of(path))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop cleanly when a service manager ends us
     try:
         if isinstance(shown, dict):

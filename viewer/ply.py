@@ -41,6 +41,19 @@ def covariances_from_scales_quats(scales: np.ndarray, quats_wxyz: np.ndarray) ->
     return (m @ m.transpose(0, 2, 1)).astype(np.float32)
 
 
+def with_pixel_filter(gaussians: dict[str, np.ndarray], pixel_variance: float) -> dict[str, np.ndarray]:
+    """``gaussians`` with ``pixel_variance`` (world units^2) added to every covariance's diagonal.
+
+    A scene trained at low resolution was seen through its rasterizer's 0.3 px^2 filter at that
+    resolution; drawn larger, its sub-pixel splats shrink and the object turns paler and more
+    transparent. ``lods.export.run_pixel_variance`` gives the variance that restores the trained
+    footprint (Mip-Splatting's 3D filter); ``ViewerServer`` applies it to everything it shows."""
+    if not pixel_variance:
+        return gaussians
+    covs = np.asarray(gaussians["covariances"], dtype=np.float32)
+    return {**gaussians, "covariances": covs + np.float32(pixel_variance) * np.eye(3, dtype=np.float32)}
+
+
 def read_gaussians_ply(path: str | Path) -> dict[str, np.ndarray]:
     """Gaussians from a 3DGS ``.ply`` as ``means`` (N, 3), ``covariances`` (N, 3, 3),
     ``rgbs`` (N, 3) in [0, 1] and ``opacities`` (N, 1) in [0, 1], all float32.

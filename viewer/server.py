@@ -18,6 +18,8 @@ OpenCV axes (x right, y down, z forward), which is also viser's camera conventio
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import logging
 import math
 import threading
@@ -29,6 +31,8 @@ from typing import Any
 import numpy as np
 import viser
 import viser.transforms as vtf
+
+from viewer.ply import with_pixel_filter
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,9 @@ class ViewerServer:
         camera_distance: Distance of the camera presets from the origin.
         fov_deg: Vertical field of view that clients start with.
         label: Title shown in the viewer's control panel.
+        pixel_variance: World-space variance added to every splat's covariance: the training views'
+            pixel filter (``lods.export.run_pixel_variance``), without which a scene trained at low
+            resolution looks paler and more transparent here than in its own renders. Set it per run.
     """
 
     def __init__(
@@ -82,6 +89,7 @@ class ViewerServer:
         camera_distance: float = 3.2,
         fov_deg: float = 45.0,
         label: str = "LODS Studio",
+        pixel_variance: float = 0.0,
     ) -> None:
         if max_updates_per_s <= 0:
             raise ValueError(f"max_updates_per_s must be positive, got {max_updates_per_s}")
@@ -90,8 +98,11 @@ class ViewerServer:
         self.low_res, self.high_res, self.rest_s = low_res, high_res, rest_s
         self.scene_render_interval_s = scene_render_interval_s
         self.camera_distance = camera_distance
+        self.pixel_variance = pixel_variance
 
-        self.server = viser.ViserServer(host=host, port=port, label=label, verbose=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # viser prints a banner of its own address: the
+            # address to open is the app's page (or the line ``python -m viewer`` prints), not this one
+            self.server = viser.ViserServer(host=host, port=port, label=label, verbose=False)
         self.server.scene.set_up_direction("+y")
         self.server.initial_camera.position = tuple(orbit_position(*CAMERA_PRESETS["Front"], camera_distance))
         self.server.initial_camera.look_at = (0.0, 0.0, 0.0)
@@ -163,6 +174,7 @@ class ViewerServer:
     def show_gaussians(self, gaussians: dict[str, np.ndarray]) -> None:
         """Send Gaussians now (blocking): ``means`` (N, 3), ``covariances`` (N, 3, 3),
         ``rgbs`` (N, 3) in [0, 1], ``opacities`` (N, 1) in [0, 1]."""
+        gaussians = with_pixel_filter(gaussians, self.pixel_variance)
         means = np.asarray(gaussians["means"], dtype=np.float32)
         n = len(means)
         covs = np.asarray(gaussians["covariances"], dtype=np.float32).reshape(n, 3, 3)
@@ -335,7 +347,8 @@ class ViewerServer:
         self._sender.join(timeout=5.0)
         for view in views:
             view.stop(wait=True)
-        self.server.stop()
+        with contextlib.redirect_stdout(io.StringIO()):  # viser's own "Server stopped"
+            self.server.stop()
 
     def __enter__(self) -> ViewerServer:
         return self

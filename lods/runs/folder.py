@@ -90,7 +90,7 @@ def export_results(trainer: Trainer, out: Path, views: int = 8, video_frames: in
     """Write the result files of a run (``Scene.export``); returns their names and, under ``metrics``, the
     final metrics with the prompt's alignment."""
     files, final, images = trainer.scene.export(out, trainer.prior, trainer.resolution, trainer.background,
-                                                views=views, video_frames=video_frames)
+                                                camera=trainer.config.camera, views=views, video_frames=video_frames)
     if trainer.scene.live_view is not None:  # a 3D scene: its views are judged against the prompt
         final.update(alignment_metrics(trainer.config.prompt, trainer.config.prior, images))
     return {**files, "metrics": final}

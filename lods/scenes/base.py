@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lods.cameras import Cameras, turntable
+from lods.cameras import CameraRange, Cameras, turntable
 
 
 @dataclass
@@ -82,10 +82,12 @@ class Scene(torch.nn.Module):
 
     @torch.no_grad()
     def export(self, out: Path, prior: Any, size: int, background: Callable[[int], torch.Tensor | None],
-               views: int = 8, video_frames: int = 60) -> tuple[dict[str, str], dict[str, float], torch.Tensor]:
+               camera: CameraRange | None = None, views: int = 8,
+               video_frames: int = 60) -> tuple[dict[str, str], dict[str, float], torch.Tensor]:
         """Write ``views.png``, ``turntable.mp4`` (when ``video_frames``) and the scene's own files; returns
         {kind: file name}, the final metrics and the views (V, 3, H, W) on the CPU. ``background(n)`` gives
-        the backgrounds of n views (None: the scene's own)."""
+        the backgrounds of n views (None: the scene's own); ``size`` and ``camera`` are the training renders'
+        size and camera ranges."""
         from lods import export
 
         files: dict[str, str] = {}
@@ -97,11 +99,12 @@ class Scene(torch.nn.Module):
             frames = self.previews(prior, turntable(video_frames, size * 2), background(video_frames))
             export.write_video(out / "turntable.mp4", export.to_uint8_frames(frames.rgb.float().cpu()), fps=24)
             files["video"] = "turntable.mp4"
-        files.update(self.export_geometry(out))
+        files.update(self.export_geometry(out, size, camera or CameraRange()))
         return files, self.preview_metrics(grid), rgb
 
-    def export_geometry(self, out: Path) -> dict[str, str]:
-        """The scene's own result files (a 3DGS .ply, a mesh, ...): {kind: file name}."""
+    def export_geometry(self, out: Path, size: int, camera: CameraRange) -> dict[str, str]:
+        """The scene's own result files (a 3DGS .ply, a mesh, ...): {kind: file name}. ``size`` and ``camera``:
+        the training renders' size and camera ranges (what a display filter needs)."""
         return {}
 
     def viewer_gaussians(self) -> dict | None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lods.cameras import Cameras
+from lods.cameras import CameraRange, Cameras
 from lods.priors.base import PriorError
 from lods.scenes.base import RenderOutput, Scene
 from lods.scenes.rasterize import (
@@ -373,40 +373,76 @@ class GaussianScene(Scene):
             "opacities": _numpy(self.opacities[:, None]),
         }
 
-    def ply_property_names(self) -> list[str]:
+    def ply_property_names(self, sh_degree: int = 3) -> list[str]:
         """Vertex property names of the standard 3DGS .ply, in the column order of ``to_ply_attributes``."""
-        n_rest = 3 * (num_sh_bases(self.config.sh_degree) - 1)
+        n_rest = 3 * (num_sh_bases(max(sh_degree, self.config.sh_degree)) - 1)
         return [
             "x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2",
             *[f"f_rest_{i}" for i in range(n_rest)],
             "opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3",
         ]
 
-    def export_geometry(self, out: Path) -> dict[str, str]:
-        """``scene.ply`` in the 3DGS layout."""
-        from lods.export import write_gaussians_ply
+    def export_geometry(self, out: Path, size: int, camera: CameraRange) -> dict[str, str]:
+        """``scene.ply`` in the reference 3DGS layout and ``scene.splat`` (the web format, with the training
+        pixel's footprint added to each splat so that viewers show what the renders showed)."""
+        from lods.export import run_pixel_variance, write_gaussians_ply, write_splat
 
-        write_gaussians_ply(out / "scene.ply", **self.to_ply_attributes())
-        return {"scene": "scene.ply"}
+        attrs = self.to_ply_attributes()
+        write_gaussians_ply(out / "scene.ply", **attrs)
+        write_splat(out / "scene.splat", **attrs, pixel_variance=run_pixel_variance(size, camera))
+        return {"scene": "scene.ply", "splat": "scene.splat"}
 
     @torch.no_grad()
-    def to_ply_attributes(self) -> dict[str, np.ndarray]:
+    def to_ply_attributes(self, sh_degree: int = 3) -> dict[str, np.ndarray]:
         """float32 arrays in the 3DGS .ply layout; concatenated in this order they match ``ply_property_names``.
 
         ``xyz`` (N, 3); ``normals`` (N, 3) zeros; ``f_dc`` (N, 3) degree-0 SH; ``f_rest`` (N, 3 * (K - 1))
-        the other SH coefficients channel-major (all of red, then green, then blue); ``opacity`` (N, 1)
-        logit; ``scale`` (N, 3) log; ``rotation`` (N, 4) unit quaternion wxyz.
+        the other SH coefficients up to ``sh_degree`` (3 by default: 45 values, as the reference 3DGS
+        code writes and most importers expect; coefficients above the scene's own degree are zeros),
+        channel-major (all of red, then green, then blue); ``opacity`` (N, 1) logit; ``scale`` (N, 3)
+        log; ``rotation`` (N, 4) unit quaternion wxyz.
         """
         n = self.num_gaussians
+        rest = self.sh_rest.detach()
+        k_rest = num_sh_bases(max(sh_degree, self.config.sh_degree)) - 1
+        rest = torch.cat([rest, rest.new_zeros(n, k_rest - rest.shape[1], 3)], dim=1)
         return {
             "xyz": _numpy(self.means),
             "normals": np.zeros((n, 3), dtype=np.float32),
             "f_dc": _numpy(self.sh_dc.reshape(n, 3)),
-            "f_rest": _numpy(self.sh_rest.transpose(1, 2).reshape(n, -1)),
+            "f_rest": _numpy(rest.transpose(1, 2).reshape(n, -1)),
             "opacity": _numpy(self.opacity_logits[:, None]),
             "scale": _numpy(self.log_scales),
             "rotation": _numpy(self.quats / self.quats.norm(dim=-1, keepdim=True)),
         }
+
+    @classmethod
+    def from_ply_attributes(cls, attrs: dict[str, np.ndarray], config: GaussianConfig | None = None) -> GaussianScene:
+        """The scene whose ``to_ply_attributes`` are ``attrs`` (e.g. ``lods.export.read_gaussians_ply``).
+
+        The SH degree is the one the ``f_rest`` columns hold (``config.sh_degree`` is set to it)."""
+        n = len(attrs["xyz"])
+        k_rest = np.asarray(attrs["f_rest"]).reshape(n, -1).shape[1] // 3
+        degree = {0: 0, 3: 1, 8: 2, 15: 3}.get(k_rest)
+        if degree is None:
+            raise ValueError(f"{k_rest * 3} f_rest values per Gaussian is not an SH degree of 0 to 3")
+        base = config or GaussianConfig()
+        cfg = GaussianConfig(**{**base.__dict__, "sh_degree": degree})
+        scene = cls(cfg, points=torch.zeros(max(n, 1), 3))
+
+        def t(name: str) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(attrs[name], np.float32)).reshape(n, -1)
+
+        scene.load_state_dict({
+            "means": t("xyz"),
+            "log_scales": t("scale"),
+            "quats": t("rotation"),
+            "opacity_logits": t("opacity").reshape(n),
+            "sh_dc": t("f_dc")[:, None, :],
+            "sh_rest": t("f_rest").reshape(n, 3, k_rest).transpose(1, 2).contiguous(),
+            **({"background_logit": scene.background_logit.detach()} if cfg.background == "learned" else {}),
+        })
+        return scene
 
 
 def shap_e_point_cloud(

@@ -78,7 +78,7 @@ class ImageScene(Scene):
         return {k: stats[k] for k in ("saturation", "value", "clipped")}
 
     @torch.no_grad()
-    def export(self, out: Path, prior, size: int, background=None, views: int = 8,
+    def export(self, out: Path, prior, size: int, background=None, camera=None, views: int = 8,
                video_frames: int = 60) -> tuple[dict[str, str], dict[str, float], torch.Tensor]:
         """``image.png``; returns its file name, the final metrics and the image (1, 3, H, W)."""
         from lods import export

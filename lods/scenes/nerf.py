@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lods.cameras import Cameras
+from lods.cameras import CameraRange, Cameras
 from lods.scenes.base import RenderOutput, Scene
 from lods.scenes.hashgrid import HashGridConfig, make_encoding, tinycudann_available
 
@@ -255,7 +255,7 @@ class NerfScene(Scene):
             groups.append({"name": "background", "params": params, "lr": rates["background"]})
         return groups
 
-    def export_geometry(self, out: Path) -> dict[str, str]:
+    def export_geometry(self, out: Path, size: int, camera: CameraRange) -> dict[str, str]:
         """``mesh.glb``: marching cubes of the density, coloured by the field."""
         from lods.export import write_mesh_glb
 
