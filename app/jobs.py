@@ -199,16 +199,6 @@ class JobManager:
 
     # ------------------------------------------------------------------ starting
 
-    def start(self, config: RunConfig, owner: str) -> Job:
-        """Start ``config`` in a background thread for session ``owner``; ``JobBusy`` while another job is active."""
-        config.validate()
-        return self._start(config, owner, None)
-
-    def start_comparison(self, configs: list[RunConfig], owner: str) -> Job:
-        """Start 2 to 4 runs stepped in turn on this device (the Compare tab); one job like any other."""
-        self._check_comparison(configs)
-        return self._start(configs[0], owner, list(configs))
-
     @staticmethod
     def _check_comparison(configs: list[RunConfig]) -> None:
         if len(configs) < 2:
@@ -353,7 +343,7 @@ class JobManager:
         finally:
             if trainer is not None:
                 try:
-                    trainer.estimator.close()  # detach LoRA adapters from the cached prior
+                    trainer.close()  # detach LoRA adapters from the cached prior
                 except Exception:
                     log.exception("closing the estimator of run %d failed", job.id)
             log_end(job)

@@ -14,6 +14,19 @@ from collections.abc import Callable
 from lods.errors import UserError
 
 
+def _methods_help() -> str:
+    """The estimators and what each learns, from their own metadata."""
+    from lods.guidance import METHODS
+
+    def one(name: str, cls) -> str:
+        notes = [f"learns {cls.learns}"] if cls.learns else []
+        notes += ["editing only"] if cls.edit_only else []
+        notes += ["finite CFG only"] if cls.finite_cfg_only else []
+        return f"{name} ({cls.label}{': ' + ', '.join(notes) if notes else ''})"
+
+    return "; ".join(one(name, cls) for name, cls in METHODS.items())
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with its complaints as one ``error:`` line (exit status 2), like every other bad input."""
 
@@ -62,8 +75,7 @@ def _add_run_options(
 ) -> None:
     p.add_argument("--prior", default=None, help="toy (default), sd21, a diffusers hub id or a local folder")
     if method:
-        p.add_argument("--method", default=None,
-                       help="sds, sds-ref, sds-norm, lods-embed, lods-lora, vsd, cfg-anneal, dds")
+        p.add_argument("--method", default=None, help=_methods_help())
     p.add_argument("--cfg", type=cfg_type, default=None, required=cfg_required, help=cfg_help)
     p.add_argument("--steps", type=STEPS, default=None)
     p.add_argument("--seed", type=SEED, default=None)

@@ -14,38 +14,41 @@ from lods.errors import UserError
 
 def run(args: argparse.Namespace) -> int:
     """Parsed arguments stop here: each subcommand becomes a call of a library function with typed values."""
-    if args.command == "toy-prior":
-        return _toy_prior(args)
-    if args.command in ("generate", "edit"):
-        from lods.config import RunConfig
-        from lods.runs import edit, generate
+    return {"generate": _generate, "edit": _generate, "sweep": _sweep, "batch": _batch, "bench": _bench,
+            "toy-prior": _toy_prior}[args.command](args)
 
-        config = RunConfig.from_dict(config_dict(args))
-        if args.command == "edit":
-            edit(config, args.image, args.out)
-        else:
-            generate(config, args.out, resume=args.resume)
-        return 0
-    if args.command == "sweep":
-        from lods.runs.batch import parse_methods
-        from lods.runs.sweep import parse_cfg_list, run_sweep
 
-        cfgs = parse_cfg_list(args.cfg)
-        methods = parse_methods(args.methods, default="lods-embed")
-        args.method, args.cfg = methods[0], cfgs[0]
-        return run_sweep(config_dict(args), methods, cfgs, args.out, args.executor, args.ray_address)
-    if args.command == "batch":
-        from lods.runs.batch import parse_methods, read_prompts, run_batch
+def _generate(args: argparse.Namespace) -> int:
+    from lods.config import RunConfig
+    from lods.runs import edit, generate
 
-        prompts = read_prompts(args.prompts)
-        methods = parse_methods(args.methods)
-        if args.limit is not None:
-            prompts = prompts[: args.limit]
-        args.prompt, args.method, args.negative_prompt = prompts[0], methods[0], None
-        return run_batch(prompts, methods, config_dict(args), args.out, args.executor, args.ray_address)
-    if args.command == "bench":
-        return _bench(args)
-    raise UserError(f"`{args.command}` is not available in this version yet")
+    config = RunConfig.from_dict(config_dict(args))
+    if args.command == "edit":
+        edit(config, args.image, args.out)
+    else:
+        generate(config, args.out, resume=args.resume)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from lods.runs.batch import parse_methods
+    from lods.runs.sweep import parse_cfg_list, run_sweep
+
+    cfgs = parse_cfg_list(args.cfg)
+    methods = parse_methods(args.methods, default="lods-embed")
+    args.method, args.cfg = methods[0], cfgs[0]
+    return run_sweep(config_dict(args), methods, cfgs, args.out, args.executor, args.ray_address)
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from lods.runs.batch import parse_methods, read_prompts, run_batch
+
+    prompts = read_prompts(args.prompts)
+    methods = parse_methods(args.methods)
+    if args.limit is not None:
+        prompts = prompts[: args.limit]
+    args.prompt, args.method, args.negative_prompt = prompts[0], methods[0], None
+    return run_batch(prompts, methods, config_dict(args), args.out, args.executor, args.ray_address)
 
 
 def config_dict(args: argparse.Namespace) -> dict[str, Any]:

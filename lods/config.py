@@ -25,11 +25,11 @@ from typing import Any
 from lods.cameras import CameraRange
 from lods.errors import UserError
 from lods.guidance import METHODS, GuidanceConfig
+from lods.scenes import SCENES
 from lods.scenes.gaussians import GaussianConfig
 from lods.scenes.image import ImageConfig
 from lods.scenes.nerf import NerfConfig
 
-BACKBONES = ("gs", "nerf", "image")
 LIVE_KNOBS = ("cfg", "lr_scale", "learned_lr")  # the knobs a running run accepts; the same names everywhere
 KNOB_LABELS = {"cfg": "CFG weight", "lr_scale": "scene learning-rate scale",
                "learned_lr": "learned-parameter learning rate"}
@@ -46,6 +46,7 @@ _RANGES = (  # (field, lowest, highest) of the integer settings
     ("checkpoint_every", 0, 10_000_000),
     ("preview_views", 1, 16),
 )
+BACKBONES = tuple(SCENES)  # gs, nerf, image
 SECTIONS: dict[str, type] = {"guidance": GuidanceConfig, "gaussians": GaussianConfig, "nerf": NerfConfig,
                              "image": ImageConfig, "camera": CameraRange}
 # Settings that shape a checkpoint's state: a resumed run must keep them.

@@ -537,18 +537,9 @@ def build_scene(
     init: torch.Tensor | None = None,
 ) -> Scene:
     """The scene of ``config.backbone`` on ``device`` (its backend chosen by the device)."""
+    from lods.scenes import SCENES
+
     try:
-        if config.backbone == "image":
-            from lods.scenes.image import ImageScene
-
-            return ImageScene(config.image, prior.latent_shape, prior.image_size, init=init,
-                              generator=generator).to(device)
-        if config.backbone == "gs":
-            from lods.scenes.gaussians import GaussianScene
-
-            return GaussianScene(config.gaussians, generator=generator).to(device)
-        from lods.scenes.nerf import NerfScene
-
-        return NerfScene(config.nerf, device=device)
+        return SCENES[config.backbone].build(config, prior, device, generator, init)
     except (TypeError, ValueError) as err:
         raise UserError(f"bad {config.backbone} settings: {err}") from err

@@ -341,9 +341,7 @@ def test_learned_rate_of_a_method_without_learned_parameters(manager):
 
 def test_job_manager_owner_rules_and_clean_shutdown(manager):
     config = build_run_config(**{k: v for k, v in GOOD.items() if k != "custom_model"}, overrides=OVERRIDES)
-    job = manager.start(config, owner="a")
-    with pytest.raises(UserError, match="already in progress"):
-        manager.start(config, owner="b")
+    job = manager.start_or_queue(config, owner="a")
     with pytest.raises(UserError, match="still in progress"):
         manager.start_or_queue(config, owner="a")
     assert manager.start_or_queue(config, owner="b") == 1 and manager.start_or_queue(config, owner="c") == 2
@@ -384,7 +382,7 @@ def test_prior_loaded_once_and_listener_errors_do_not_stop_training(manager, pri
                               overrides=OVERRIDES)
     before = len(prior_factory.calls)
     for _ in range(2):
-        job = manager.start(config, owner="a")
+        job = manager.start_or_queue(config, owner="a")
         job.thread.join(20)
         assert job.phase == "done", job.message
     assert len(prior_factory.calls) - before == 1
@@ -541,7 +539,7 @@ def test_viewer_hook(monkeypatch, manager):
     assert 'data-port="8123"' in link.html() and link.server.host == "0.0.0.0"
     config = build_run_config(**{**{k: v for k, v in GOOD.items() if k != "custom_model"}, "steps": 2},
                               overrides=OVERRIDES)
-    manager.start(config, owner="a").thread.join(20)
+    manager.start_or_queue(config, owner="a").thread.join(20)
     assert link.server.cleared == 1 and link.server.render_fns == [None] and link.server.snapshots
     proxied = viewer_link.connect_viewer(manager, "0.0.0.0", 8124, single_port=True)
     assert proxied.server.host == "127.0.0.1" and 'src="/viewer/"' in proxied.html()
@@ -550,7 +548,7 @@ def test_viewer_hook(monkeypatch, manager):
     gs = build_run_config(**{**{k: v for k, v in GOOD.items() if k != "custom_model"}, "steps": 4,
                              "backbone": "gs"}, overrides={**OVERRIDES, "snapshot_every": 100})
     link.server.snapshots.clear()
-    manager.start(gs, owner="a").thread.join(20)
+    manager.start_or_queue(gs, owner="a").thread.join(20)
     fed = [s for s in link.server.snapshots if s.previews is None]
     assert [s.step for s in fed] == [1, 2, 3, 4] and fed[0].gaussians["means"].shape[1] == 3
     from lods.export import run_pixel_variance  # the training pixel filter of this run's 16 px renders
@@ -558,7 +556,7 @@ def test_viewer_hook(monkeypatch, manager):
     assert link.server.pixel_variance == pytest.approx(run_pixel_variance(16)) and link.server.pixel_variance > 0
     link.server.min_interval_s = proxied.server.min_interval_s = 3600.0  # one update an hour at most
     link.server.snapshots.clear()
-    manager.start(gs, owner="a").thread.join(20)
+    manager.start_or_queue(gs, owner="a").thread.join(20)
     assert [s.step for s in link.server.snapshots if s.previews is None] == [1]
     assert link.server.resets == 0
     manager.discard("a")  # Reset: both viewers forget the run, so a new client receives none of its splats
@@ -633,9 +631,9 @@ def test_comparison_job_round_robin_export_and_controls(manager, tiny_prior):
     stepped = [o for o in order if o[1] > 0][:9]
     assert stepped == [(i, s) for s in (1, 2, 3) for i in range(3)]  # one step of each run in turn
 
-    job = manager.start_comparison(configs, owner="a")
-    with pytest.raises(UserError, match="already in progress"):
-        manager.start(config, owner="b")
+    job = manager.start_or_queue(configs[0], owner="a", compare=configs)
+    assert manager.start_or_queue(config, owner="b") == 1  # another session queues behind the comparison
+    manager.release("b")
     with pytest.raises(UserError, match="keeps the settings"):
         manager.set_knobs("a", cfg=10)
     job.thread.join(30)
@@ -645,7 +643,7 @@ def test_comparison_job_round_robin_export_and_controls(manager, tiny_prior):
     assert all((job.out_dir / f / "image.png").is_file() for f in folders)
 
     long = [c.__class__(**{**c.__dict__, "steps": 5000}) for c in configs[:2]]
-    job = manager.start_comparison(long, owner="a")
+    job = manager.start_or_queue(long[0], owner="a", compare=long)
     wait_for(lambda: job.comparison is not None and min(t.step for t in job.comparison.trainers) >= 2)
     manager.set_paused("a", True)
     assert job.state == "paused"
@@ -712,7 +710,7 @@ def test_an_abandoned_run_is_stopped_with_its_results_and_frees_the_device(prior
     config = build_run_config(**{k: v for k, v in GOOD.items() if k != "custom_model"}, overrides=OVERRIDES)
     jobs = JobManager(prior_factory=prior_factory, join_timeout=20, abandon_after_s=0)  # checked by hand here
     try:
-        job = jobs.start(config, owner="api-client")  # started through the API, never polled again
+        job = jobs.start_or_queue(config, owner="api-client")  # started through the API, never polled again
         assert jobs.start_or_queue(config, owner="gone-too") == 1
         assert jobs.start_or_queue(config, owner="waiting") == 2
         wait_for(lambda: job.trainer is not None and job.trainer.step > 0)
@@ -730,7 +728,7 @@ def test_an_abandoned_run_is_stopped_with_its_results_and_frees_the_device(prior
         jobs.shutdown()
     watched = JobManager(prior_factory=prior_factory, join_timeout=20, abandon_after_s=0.3)  # the watchdog thread
     try:
-        job = watched.start(config, owner="api-client")
+        job = watched.start_or_queue(config, owner="api-client")
         job.thread.join(30)
         assert job.phase == "stopped" and "stopped polling" in job.message
     finally:
@@ -739,7 +737,7 @@ def test_an_abandoned_run_is_stopped_with_its_results_and_frees_the_device(prior
 
 def test_start_again_while_queued_keeps_the_place_and_kept_runs_are_capped(manager):
     config = build_run_config(**{k: v for k, v in GOOD.items() if k != "custom_model"}, overrides=OVERRIDES)
-    first = manager.start(config, owner="a")
+    first = manager.start_or_queue(config, owner="a")
     assert manager.start_or_queue(config, owner="b") == 1 and manager.start_or_queue(config, owner="c") == 2
     assert manager.start_or_queue(config, owner="b") == 1  # a second Start is not sent to the back
     assert manager.queue_position("c") == 2

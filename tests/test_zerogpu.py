@@ -106,7 +106,8 @@ def test_the_app_trains_in_slices_on_a_zerogpu_space(tiny_prior, monkeypatch):
                          join_timeout=30)
     try:
         # "cpu:0" stands for the GPU: the device the slices get (the host's trainer is on "cpu")
-        job = manager.start(config(steps=12, backbone="image", method="sds", prior="toy", device="cpu:0"), owner="a")
+        run = config(steps=12, backbone="image", method="sds", prior="toy", device="cpu:0")
+        job = manager.start_or_queue(run, owner="a")
         job.thread.join(60)
         assert job.phase == "done", job.message
         assert job.trainer.device.type == "cpu" and job.trainer.step == 12  # the host copy, on the CPU

@@ -33,9 +33,16 @@ class Scene(torch.nn.Module):
     optionally ``post_step``, ``health`` and ``export_geometry``; a 2D scene overrides the rest too."""
 
     backend: str = "torch"
+    backbone: str = ""  # its name on the command line and in config files (``--backbone``)
     # What the live 3D viewer shows: "splats" (it streams ``viewer_gaussians``), "render" (it asks the trainer
     # to render each browser's camera) or None (nothing 3D).
     live_view: str | None = "render"
+
+    @classmethod
+    def build(cls, config: Any, prior: Any, device: torch.device, generator: torch.Generator,
+              init: torch.Tensor | None = None) -> Scene:
+        """The scene of a run's ``config`` (a ``RunConfig``) on ``device``, its backend chosen by the device."""
+        raise NotImplementedError
 
     def render(self, cameras: Cameras, background: torch.Tensor | None = None) -> RenderOutput:
         raise NotImplementedError

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from lods.cameras import CameraRange, Cameras
-from lods.priors.base import PriorError
 from lods.scenes.base import RenderOutput, Scene
 from lods.scenes.rasterize import (
     default_backend,
@@ -120,7 +119,12 @@ _STATS = ("grad2d_sum", "grad2d_count", "max_radius")
 class GaussianScene(Scene):
     """A set of 3D Gaussians; ``render`` gives RGB, alpha and depth for a batch of cameras."""
 
+    backbone = "gs"
     live_view = "splats"
+
+    @classmethod
+    def build(cls, config, prior, device, generator, init=None) -> GaussianScene:
+        return cls(config.gaussians, generator=generator).to(device)
 
     def __init__(
         self,
@@ -373,15 +377,6 @@ class GaussianScene(Scene):
             "opacities": _numpy(self.opacities[:, None]),
         }
 
-    def ply_property_names(self, sh_degree: int = 3) -> list[str]:
-        """Vertex property names of the standard 3DGS .ply, in the column order of ``to_ply_attributes``."""
-        n_rest = 3 * (num_sh_bases(max(sh_degree, self.config.sh_degree)) - 1)
-        return [
-            "x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2",
-            *[f"f_rest_{i}" for i in range(n_rest)],
-            "opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3",
-        ]
-
     def export_geometry(self, out: Path, size: int, camera: CameraRange) -> dict[str, str]:
         """``scene.ply`` in the reference 3DGS layout and ``scene.splat`` (the web format, with the training
         pixel's footprint added to each splat so that viewers show what the renders showed)."""
@@ -394,7 +389,7 @@ class GaussianScene(Scene):
 
     @torch.no_grad()
     def to_ply_attributes(self, sh_degree: int = 3) -> dict[str, np.ndarray]:
-        """float32 arrays in the 3DGS .ply layout; concatenated in this order they match ``ply_property_names``.
+        """float32 arrays in the 3DGS .ply layout; concatenated in this order, the reference vertex columns.
 
         ``xyz`` (N, 3); ``normals`` (N, 3) zeros; ``f_dc`` (N, 3) degree-0 SH; ``f_rest`` (N, 3 * (K - 1))
         the other SH coefficients up to ``sh_degree`` (3 by default: 45 values, as the reference 3DGS
@@ -443,48 +438,3 @@ class GaussianScene(Scene):
             **({"background_logit": scene.background_logit.detach()} if cfg.background == "learned" else {}),
         })
         return scene
-
-
-def shap_e_point_cloud(
-    prompt: str,
-    num_points: int = 4096,
-    model: str = "openai/shap-e",
-    radius: float = 0.5,
-    guidance_scale: float = 15.0,
-    steps: int = 64,
-    device: str | torch.device = "cpu",
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Points (num_points, 3) and colours (num_points, 3) on the surface of a Shap-E mesh for ``prompt``.
-
-    Uses diffusers' ``ShapEPipeline`` from local files only (a hub id already in the cache, or a
-    directory); raises ``PriorError`` when the weights are not there. The mesh is turned from Shap-E's
-    z-up to this project's y-up frame and scaled to fit a ball of ``radius``.
-    """
-    from diffusers import ShapEPipeline
-
-    try:
-        pipe = ShapEPipeline.from_pretrained(model, local_files_only=True).to(device)
-    except (OSError, ValueError) as err:
-        raise PriorError(
-            f"Shap-E weights {model!r} are not available locally (download them first, or initialise the "
-            f"Gaussians from a ball or a point cloud): {str(err).splitlines()[0]}"
-        ) from None
-    mesh = pipe(
-        prompt, guidance_scale=guidance_scale, num_inference_steps=steps, output_type="mesh", generator=generator
-    ).images[0]
-    verts = mesh.verts.float().cpu()
-    verts = torch.stack([verts[:, 0], verts[:, 2], -verts[:, 1]], dim=-1)
-    rgb = torch.stack([mesh.vertex_channels[c].float().cpu() for c in "RGB"], dim=-1).clamp(0, 1)
-    tri = verts[mesh.faces.long().cpu()]  # (F, 3, 3)
-    area = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]).norm(dim=-1)
-    face = torch.multinomial(area, num_points, replacement=True, generator=generator)
-    u, v = torch.rand(2, num_points, 1, generator=generator)
-    flip = (u + v) > 1
-    u, v = torch.where(flip, 1 - u, u), torch.where(flip, 1 - v, v)
-    w = torch.cat([1 - u - v, u, v], dim=-1)[..., None]  # barycentric weights (num_points, 3, 1)
-    points = (tri[face] * w).sum(1)
-    colors = (rgb[mesh.faces.long().cpu()[face]] * w).sum(1)
-    centre = (points.amax(0) + points.amin(0)) / 2
-    points = points - centre
-    return points * (radius / points.norm(dim=-1).amax().clamp_min(1e-8)), colors

@@ -27,7 +27,13 @@ class ImageConfig:
 class ImageScene(Scene):
     """One image. ``latents`` gives z without rendering; ``render`` decodes it for display."""
 
+    backbone = "image"
     live_view = None  # nothing for the 3D viewer
+
+    @classmethod
+    def build(cls, config, prior, device, generator, init=None) -> ImageScene:
+        """``init``: the input image's latents (or pixels) when editing."""
+        return cls(config.image, prior.latent_shape, prior.image_size, init=init, generator=generator).to(device)
 
     def __init__(
         self,

@@ -215,7 +215,12 @@ class NerfScene(Scene):
     scene on the device it will run on rather than moving it later.
     """
 
+    backbone = "nerf"
     live_view = "render"  # the viewer asks the trainer to render each browser's camera
+
+    @classmethod
+    def build(cls, config, prior, device, generator, init=None) -> NerfScene:
+        return cls(config.nerf, device=device)
 
 
     def __init__(self, config: NerfConfig | None = None, device: torch.device | str = "cpu"):

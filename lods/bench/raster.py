@@ -1,6 +1,6 @@
 """Speed of the CPU Gaussian rasterizer: sparse against the dense reference, forward + backward.
 
-``python -m lods.scenes.bench_raster`` prints the figures as JSON.
+``python -m lods.bench.raster`` prints the figures as JSON.
 """
 
 from __future__ import annotations
