@@ -320,6 +320,8 @@ def test_benchmark_reports_both_compositors():
     assert result["dense_over_sparse"] == pytest.approx(result["dense_ms"] / result["sparse_ms"], rel=0.02)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gsplat_matches_the_cpu_rasterizer():
     pytest.importorskip("gsplat")
     cams = three_cameras(48, 40)
