@@ -1,0 +1,185 @@
+"""The Compare tab: 2 to 4 configurations on the same prompt and seed, stepped in turn, side by side.
+
+:class:`CompareTab` holds the tab's callbacks (mixed into :class:`app.ui.Studio`); :func:`compare_layout`
+lays out its components.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gradio as gr
+
+from app.config import APP_METHODS, MAX_TEXT, build_run_config, checked_cfg, default_learned_lr
+from app.format import BACKBONE_LABELS, METHOD_LABELS, md_text, notice, status_text
+from app.jobs import one_line
+from app.plots import preview_grid
+from lods.errors import UserError
+from lods.runs import alignment_metrics
+from lods.runs.compare import MAX_RUNS, Slot, comparison_configs
+from lods.runs.compare import PRESETS as COMPARE_PRESETS
+
+COMPARE_PRESET_LABELS = {
+    "cfg-vs-lods": "SDS at CFG 100 · LODS-embed at CFG 100 · LODS-embed at CFG ∞",
+    "cfg-sweep": "CFG sweep (the paper's Fig. 5): LODS-embed at CFG 30 · 100 · 1000 · ∞",
+}
+COMPARE_CFG_CHOICES = ["7.5", "30", "100", "1000", "inf"]
+COMPARE_OFF = "off"
+COMPARE_COLUMNS = ["run", "step", "it/s", "saturation", "clipped", "floater score", "embedding distance",
+                   "judged right"]
+
+
+class CompareTab:
+    """The Compare tab's callbacks."""
+
+    # ------------------------------------------------------------------ Compare tab
+
+    @staticmethod
+    def compare_preset(preset: Any) -> tuple:
+        """The slots of a preset: (method, CFG) for each of the ``MAX_RUNS`` rows; unused rows off."""
+        slots = COMPARE_PRESETS.get(preset, [])
+        values: list[Any] = []
+        for i in range(MAX_RUNS):
+            if i < len(slots):
+                values += [slots[i].method, "inf" if math.isinf(slots[i].cfg) else f"{slots[i].cfg:g}"]
+            else:
+                values += [COMPARE_OFF, "100"]
+        return tuple(values)
+
+    def compare_start(self, prompt: Any, prior: Any, backbone: Any, steps: Any, seed: Any, method1: Any, cfg1: Any,
+                      method2: Any, cfg2: Any, method3: Any, cfg3: Any, method4: Any, cfg4: Any,
+                      request: gr.Request = None) -> str:
+        """Start (or queue) the comparison of the chosen slots; "off" slots are left out. The slots are named
+        parameters: Gradio hands the session's request only to a parameter it can see in the signature."""
+        slots = (method1, cfg1, method2, cfg2, method3, cfg3, method4, cfg4)
+        try:
+            name = self.settings.policy.resolve(prior, "")
+            chosen = []
+            for method, cfg in zip(slots[0::2], slots[1::2]):
+                if method in (None, "", COMPARE_OFF):
+                    continue
+                text = str(cfg).strip().lower()
+                weight = math.inf if text in ("inf", "∞", "infinity") else checked_cfg(text)
+                chosen.append(Slot(str(method), weight))
+            base = build_run_config(
+                prompt=prompt, negative_prompt="", prior=name, backbone=backbone,
+                method=chosen[0].method if chosen else "sds", cfg=100.0, lr_scale=1.0,
+                learned_lr=default_learned_lr("lods-embed", name), steps=steps, seed=seed,
+                max_steps=self.settings.max_steps, overrides=self.settings.run_overrides,
+            )
+            for slot in chosen:
+                if slot.method not in APP_METHODS:
+                    raise UserError(f"unknown method '{md_text(slot.method)[:40]}'")
+            configs = comparison_configs(base, chosen)
+            job = self.manager.start_or_queue(configs[0], owner=self._session(request), compare=configs)
+        except UserError as err:
+            return notice(one_line(err), error=True)
+        if isinstance(job, int):
+            return notice(f"Another session's run is in progress: your comparison is queued (position {job}).")
+        return notice(f"Started comparison {job.id}: {len(job.compare_configs)} runs, one step of each in turn.")
+
+    def compare_pause(self, request: gr.Request = None) -> str:
+        job = self.manager.current()
+        if job is None or not job.active or not job.is_comparison:
+            return notice("No comparison is running.")
+        return self._toggle_pause(job, request)[0]
+
+    def _comparison(self) -> Any:
+        """The current job if it is a comparison, else None."""
+        job = self.manager.current()
+        return job if job is not None and job.is_comparison else None
+
+    def _compare_keys(self, me: str) -> tuple[Any, dict[str, Any]]:
+        """The comparison job (or None) and what the Compare tab shows of it, as comparable keys."""
+        job = self._comparison()
+        steps = tuple(t.step for t in job.comparison.trainers) if job is not None and job.comparison else ()
+        return job, {"status": status_text(job, me) if job is not None else
+                     "**No comparison yet.** Pick a preset or your own runs and press **Start comparison**.",
+                     "steps": (job.id if job else None, steps, job.state if job else None,
+                               len(job.files) if job else 0)}
+
+    def compare_draw(self) -> tuple:
+        """gallery, table, files of the Compare tab (run when its key changes)."""
+        return self._compare_outputs(self._comparison())
+
+    @staticmethod
+    def _compare_outputs(job: Any) -> tuple:
+        comparison = job.comparison if job is not None else None
+        if comparison is None:
+            return None, None, None
+        gallery, rows = [], []
+        for config, trainer, row in zip(job.compare_configs, comparison.trainers, comparison.rows()):
+            snap = trainer.latest()
+            judged = "–"
+            if snap is not None:
+                gallery.append((preview_grid(snap.previews, min_side=128, cols=2), row["label"]))
+                align = alignment_metrics(config.prompt, config.prior, snap.previews)
+                if align:
+                    judged = f"{align['views_judged_right']} / {len(snap.previews)}"
+
+            def num(v: Any) -> str:
+                return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
+
+            rows.append([row["label"], row["step"], f"{row['it_per_s']:.2f}", num(row["saturation"]),
+                         num(row["clipped"]), num(row["floater_score"]), num(row["embedding_distance"]), judged])
+        files = [str(p) for p in job.files] or None
+        return gallery or None, {"headers": COMPARE_COLUMNS, "data": rows}, files
+
+    def compare_poll(self, view: dict | None, request: gr.Request = None) -> tuple:
+        """status, gallery, table, files, view state of the Compare tab; unchanged parts skipped (the API's)."""
+        view = dict(view or {})
+        job, keys = self._compare_keys(self._session(request))
+        changed = {k for k, v in keys.items() if view.get(k) != v}
+        view.update(keys)
+        if not changed:
+            return (gr.skip(),) * 4 + (view,)
+        status = keys["status"] if "status" in changed else gr.skip()
+        return (status, *self._compare_outputs(job), view)
+
+
+def compare_layout(settings: Any, defaults: Any) -> dict[str, Any]:
+    """The tab's components (inside ``gr.Tab("Compare")``), by name."""
+    d = defaults
+    gr.Markdown(
+        "Run 2 to 4 configurations on the same prompt and seed, one step of each in turn on this "
+        "device, and watch them side by side: SDS at a high CFG weight against LODS, or the CFG "
+        "sweep of the paper's Fig. 5 (low weights lack detail, very large ones make floaters)."
+    )
+    compare_view = gr.State({})
+    with gr.Row():
+        c_prompt = gr.Textbox(label="Prompt", value=d.prompt, max_length=MAX_TEXT, scale=3,
+                              elem_id="compare-prompt")
+        c_prior = gr.Dropdown(list(settings.policy.allowed), value=settings.default_prior,
+                              label="Prior", scale=1)
+    with gr.Row():
+        c_backbone = gr.Radio([(v, k) for k, v in BACKBONE_LABELS.items()], value=d.backbone,
+                              label="Backbone")
+        c_steps = gr.Number(value=300, precision=0, label="Steps (each run)", elem_id="compare-steps")
+        c_seed = gr.Number(value=d.seed, precision=0, label="Seed")
+    c_preset = gr.Radio([(v, k) for k, v in COMPARE_PRESET_LABELS.items()], value="cfg-vs-lods",
+                        label="Preset", elem_id="compare-preset")
+    slot_inputs: list[Any] = []
+    initial = CompareTab.compare_preset("cfg-vs-lods")
+    with gr.Row():
+        for i in range(MAX_RUNS):
+            with gr.Column(min_width=160):
+                slot_inputs.append(gr.Dropdown(
+                    [(COMPARE_OFF, COMPARE_OFF)] + [(METHOD_LABELS.get(m, m), m) for m in APP_METHODS],
+                    value=initial[2 * i], label=f"Run {i + 1}: method"))
+                slot_inputs.append(gr.Dropdown(COMPARE_CFG_CHOICES, value=initial[2 * i + 1],
+                                               allow_custom_value=True, label=f"Run {i + 1}: CFG"))
+    with gr.Row():
+        c_start = gr.Button("Start comparison", variant="primary", elem_id="compare-start")
+        c_pause = gr.Button("Pause / resume", elem_id="compare-pause")
+        c_stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
+    c_note = gr.Markdown("", elem_id="compare-notice")
+    c_status = gr.Markdown("", elem_id="compare-status")
+    c_gallery = gr.Gallery(label="Latest renders, side by side", columns=MAX_RUNS, height="auto",
+                           elem_id="compare-gallery", interactive=False)
+    c_table = gr.Dataframe(headers=COMPARE_COLUMNS, label="Metrics (latest logged step)",
+                           interactive=False, elem_id="compare-table")
+    c_files = gr.File(label="Result files", file_count="multiple", interactive=False)
+    return dict(compare_view=compare_view, prompt=c_prompt, prior=c_prior, backbone=c_backbone, steps=c_steps,
+                seed=c_seed, preset=c_preset, slots=slot_inputs, start=c_start, pause=c_pause, stop=c_stop,
+                note=c_note, status=c_status, gallery=c_gallery, table=c_table, files=c_files)
