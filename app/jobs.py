@@ -29,7 +29,7 @@ from lods.errors import UserError, one_line
 from lods.priors.base import DiffusionPrior
 from lods.runs import write_run_folder
 from lods.runs.compare import Comparison, Slot
-from lods.trainer import Snapshot, Trainer, load_prior, resolve_device
+from lods.trainer import PriorCache, Snapshot, Trainer, resolve_device, shared_prior
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,7 @@ class JobManager:
         self._lock = threading.Lock()
         self._job: Job | None = None
         self._ids = itertools.count(1)
-        self._prior_factory = prior_factory or load_prior
-        self._prior_cache: tuple[tuple[str, str], DiffusionPrior] | None = None
+        self._prior = PriorCache(prior_factory) if prior_factory is not None else shared_prior
         self._listeners: list[SnapshotListener] = list(listeners or [])
         self._trainer_listeners: list[TrainerListener] = []
         self._queue: list[tuple[str, RunConfig, list[RunConfig] | None]] = []  # (owner, config, comparison)
@@ -275,15 +274,6 @@ class JobManager:
             owner, config, compare = self._queue.pop(0)
             job = self._begin(config, owner, compare)
         job.thread.start()
-
-    def _prior(self, name: str, device: torch.device) -> DiffusionPrior:
-        key = (name, str(device))
-        if self._prior_cache is not None and self._prior_cache[0] == key:
-            return self._prior_cache[1]
-        self._prior_cache = None  # drop the old model before loading the next one
-        prior = self._prior_factory(name, device)
-        self._prior_cache = (key, prior)
-        return prior
 
     def _notify(self, listeners: list[Callable[..., None]], value: Any) -> None:
         for listener in listeners:
@@ -496,7 +486,7 @@ class JobManager:
             _remove(job.out_dir)
         for old in kept:
             _remove(old.out_dir)
-        self._prior_cache = None
+        self._prior.clear()
 
 
 def write_results(trainer: Trainer, out_dir: Path, status: str = "done") -> list[Path]:

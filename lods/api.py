@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from lods.config import BACKBONES, RunConfig
 from lods.errors import UserError
 from lods.guidance import METHODS, Estimator, make_estimator
 from lods.priors.base import DiffusionPrior
-from lods.trainer import Trainer, resolve_device
+from lods.trainer import Trainer, shared_prior
 
 __all__ = [
     "BACKBONES", "METHODS", "Result", "edit", "estimator", "generate", "load_prior", "make_estimator", "run_config",
@@ -73,18 +72,11 @@ class Result:
         return [h[key] for h in self.trainer.history if key in h]
 
 
-@lru_cache(maxsize=4)
-def _cached_prior(name: str, device: str) -> DiffusionPrior:
-    from lods.trainer import load_prior as _load
-
-    return _load(name, torch.device(device))
-
-
 def load_prior(name: str = "toy", device: str | None = None) -> DiffusionPrior:
     """A diffusion prior: ``"toy"`` (embedded, CPU), ``"sd21"``, a Hugging Face id or a local folder.
 
-    Loaded once per (name, device) and reused by :func:`generate` and :func:`edit`."""
-    return _cached_prior(name, str(resolve_device(device)))
+    The last one loaded is kept and reused by :func:`generate` and :func:`edit` (one model in memory)."""
+    return shared_prior(name, device)
 
 
 def run_config(config: dict[str, Any] | str | Path | None = None, **keys: Any) -> RunConfig:

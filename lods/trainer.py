@@ -138,7 +138,6 @@ class Trainer:
             raise UserError(str(err)) from err
         with torch.no_grad():
             self.null_emb = self.prior.encode_text([config.negative_prompt])
-            self._text_cache: dict[str, torch.Tensor] = {}
             if config.source_prompt is not None:
                 source_emb = self.prior.encode_text([config.source_prompt])
                 if self.estimator.edit_only:
@@ -219,12 +218,8 @@ class Trainer:
                 f"{self.config.prompt}, {view_suffix(float(a), float(e))}"
                 for a, e in zip(cameras.azimuth, cameras.elevation)
             ]
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
-            with torch.no_grad():
-                for p, e in zip(missing, self.prior.encode_text(missing)):
-                    self._text_cache[p] = e
-        return torch.stack([self._text_cache[p] for p in prompts])
+        with torch.no_grad():
+            return self.prior.encode_text(prompts)  # the prior caches its embeddings
 
     def _apply_knobs(self, knobs: Knobs) -> None:
         for g in self.optimizer.param_groups:
@@ -527,6 +522,32 @@ def load_prior(name: str, device: torch.device) -> DiffusionPrior:
     from lods.priors.diffusers_prior import DiffusersPrior
 
     return DiffusersPrior.from_pretrained(name, device=device)
+
+
+class PriorCache:
+    """The last prior loaded, reused while runs ask for the same (name, device); a different one replaces it
+    (one model in memory at a time). ``factory(name, device)`` loads one (``load_prior``). Thread-safe."""
+
+    def __init__(self, factory: Callable[[str, torch.device], DiffusionPrior] = load_prior) -> None:
+        self.factory = factory
+        self._lock = threading.Lock()
+        self._held: tuple[tuple[str, str], DiffusionPrior] | None = None
+
+    def __call__(self, name: str, device: torch.device | str | None = None) -> DiffusionPrior:
+        device = resolve_device(str(device) if device is not None else None)
+        key = (name, str(device))
+        with self._lock:
+            if self._held is None or self._held[0] != key:
+                self._held = None  # drop the old model before loading the next one
+                self._held = (key, self.factory(name, device))
+            return self._held[1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._held = None
+
+
+shared_prior = PriorCache()  # the library's runs (batch, sweep, quality, the Python API, GPU slices) share it
 
 
 def build_scene(

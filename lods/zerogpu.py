@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lods.config import RunConfig
-from lods.trainer import Trainer
+from lods.trainer import Trainer, shared_prior
 
 SLICE_SECONDS = 50.0  # training time per GPU call
 GPU_DURATION = 90  # seconds asked of ZeroGPU per call: the slice, building the trainer, moving the state
@@ -58,19 +58,6 @@ def to_cpu(value: Any) -> Any:
     return value
 
 
-_PRIORS: dict[tuple[str, str], Any] = {}  # the worker's priors (a reused worker keeps them)
-
-
-def _worker_prior(name: str, device: str) -> Any:
-    from lods.trainer import load_prior
-
-    key = (name, device)
-    if key not in _PRIORS:
-        _PRIORS.clear()
-        _PRIORS[key] = load_prior(name, torch.device(device))
-    return _PRIORS[key]
-
-
 def train_slice(
     config: dict[str, Any], state: dict[str, Any], seconds: float, max_steps: int | None = None, prior: Any = None
 ) -> tuple[dict[str, Any], str, str]:
@@ -79,7 +66,7 @@ def train_slice(
     and the trainer's message. Takes and returns only picklable values: on ZeroGPU it runs in another
     process. ``prior`` is for callers in the same process (tests); a worker loads its own, once."""
     run = RunConfig.from_dict(config)
-    trainer = Trainer(run, prior=prior or _worker_prior(run.prior, run.device or "cuda"))
+    trainer = Trainer(run, prior=prior or shared_prior(run.prior, run.device or "cuda"))
     try:
         trainer.load_state(state, where="the slice's state")
         trainer.begin()

@@ -108,26 +108,11 @@ def is_done(out: str | Path) -> bool:
         return False
 
 
-_PRIORS: dict[tuple[str, str], Any] = {}
-
-
-def cached_prior(name: str, device: str | None):
-    """One loaded prior per (name, device) per process: jobs of a batch share it (estimators detach
-    whatever they attach when a run closes)."""
-    from lods.trainer import load_prior, resolve_device
-
-    dev = resolve_device(device)
-    key = (name, str(dev))
-    if key not in _PRIORS:
-        _PRIORS[key] = load_prior(name, dev)
-    return _PRIORS[key]
-
-
 def run_job(job: Job, video: bool = True, after: Callable[[Any, Path], Any] | None = None) -> dict[str, Any]:
     """Run one job in this process (skipped when already done); returns its summary. ``after(trainer, out)``
     is called on the trained scene (rebuilt from its checkpoint when the run was done before)."""
     from lods.config import RunConfig
-    from lods.trainer import Trainer
+    from lods.trainer import Trainer, shared_prior
 
     out = Path(job.out)
     config = RunConfig.from_dict(dict(job.config))
@@ -136,7 +121,7 @@ def run_job(job: Job, video: bool = True, after: Callable[[Any, Path], Any] | No
     if not is_done(out):
         from lods.runs import run_and_export
 
-        trainer = Trainer(config, prior=cached_prior(config.prior, config.device), out_dir=out)
+        trainer = Trainer(config, prior=shared_prior(config.prior, config.device), out_dir=out)
         try:
             ck = out / checkpoint.LATEST
             if ck.exists():  # an interrupted run continues from its last checkpoint
@@ -147,7 +132,7 @@ def run_job(job: Job, video: bool = True, after: Callable[[Any, Path], Any] | No
             raise
     if after is not None:
         if trainer is None:
-            trainer = Trainer(config, prior=cached_prior(config.prior, config.device))
+            trainer = Trainer(config, prior=shared_prior(config.prior, config.device))
             trainer.load_checkpoint(out / checkpoint.LATEST)
             trainer.close()
         after(trainer, out)
