@@ -150,7 +150,8 @@ class GuidanceConfig:
 
     lr: learning rate of the learned parameters (alpha, LoRA); None takes the method's default
     (``DEFAULT_LR``: the paper's 2D embedding rate, its 3D LoRA rate, ProlificDreamer's LoRA rate).
-    lora_scale: scale of psi in the null branch of Eq. 9 (0.5 in the official release).
+    lora_scale: scale of psi in LODS-LoRA, the same in Eq. 9's null branch and Eq. 10's update (0.5, the
+    official release's ``lora_weight``).
     merge_update: section 3.7's variant; the learned branch's forward of the theta step is kept with
     its graph and reused by ``update``, saving one UNet forward (the update then uses the theta step's t).
     """
@@ -490,8 +491,9 @@ class LodsLora(_Learner):
 
     Theta step: Eq. 9, the conditional branch on the base model (LoRA scale 0) and the null branch on
     the LoRA model at ``config.lora_scale``. Update: Eq. 10, the denoising loss of eps_psi(z_t; null)
-    at full LoRA scale, t uniform in [0, T). With ``merge_update`` psi is trained through the theta
-    step's null-branch forward, i.e. at ``lora_scale`` and at the theta step's t.
+    at the same ``config.lora_scale`` (Eqs. 9 and 10 share one psi; the official release trains and
+    applies it at ``lora_weight`` 0.5), t uniform in [0, T). With ``merge_update`` psi is trained
+    through the theta step's null-branch forward, at the same scale and at the theta step's t.
     """
 
     method = "lods-lora"
@@ -520,7 +522,7 @@ class LodsLora(_Learner):
             t, noise, z_t = self._noisy_uniform(z)
             self._set_trainable(True)
             try:
-                with self.prior.lora_scale(self.adapter, 1.0), torch.enable_grad():
+                with self.prior.lora_scale(self.adapter, self.config.lora_scale), torch.enable_grad():
                     loss = self._learn(denoising_loss(self._eps(z_t, t, _per_view(null_emb, n)), noise), n)
             finally:
                 self._set_trainable(False)

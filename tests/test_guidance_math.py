@@ -341,10 +341,13 @@ def test_lods_lora_null_branch_uses_lora_at_configured_scale(prior):
     torch.testing.assert_close(out.grad, w_t * sds_norm_direction(eps_c, eps_psi, noise, 20.0))
 
 
-def test_lora_update_is_gradient_of_eq10(prior):
+@pytest.mark.parametrize("scale", [0.5, 0.25])
+def test_lora_update_is_gradient_of_eq10_at_the_scale_eq9_applies(prior, scale):
+    """Eqs. 9 and 10 use one psi: the update trains it at the scale the theta step applies it at (the
+    official release's lora_weight, 0.5), not at full scale."""
     z = latents(prior)
     text, null = embs(prior)
-    est = make_estimator("lods-lora", prior, {"lr": 1e-3})
+    est = make_estimator("lods-lora", prior, {"lr": 1e-3, "lora_scale": scale})
     before = [p.detach().clone() for p in est.params]
     torch.manual_seed(9)
     est.update(z.detach(), text, null)
@@ -352,7 +355,7 @@ def test_lora_update_is_gradient_of_eq10(prior):
     t = torch.randint(0, 1000, (2,))
     noise = torch.randn(z.shape)
     params = [p.clone().requires_grad_(True) for p in before]
-    mix = prior.mix + params[0] @ params[1]
+    mix = prior.mix + scale * params[0] @ params[1]
     z_t = prior.add_noise(z.detach(), noise, t)
     ab = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
     eps = ab.sqrt() * torch.einsum("bchw,cd->bdhw", z_t, mix) + torch.tanh(null.mean(1) @ prior.proj)[:, :, None, None]
@@ -405,6 +408,28 @@ def test_merged_update_trains_alpha_on_the_theta_step_draw(prior):
     eps = prior.predict_noise(prior.add_noise(z.detach(), noise, t), t, alpha.expand(2, -1, -1))
     (expected,) = torch.autograd.grad(((eps - noise) ** 2).mean(), alpha)
     torch.testing.assert_close(est.alpha.grad, expected)
+
+
+def test_lods_lora_merged_and_separate_updates_train_psi_alike(prior):
+    """Section 3.7's merged update and the separate one train the same psi at the same scale: given the
+    same t and noise, their gradients agree."""
+    z = latents(prior)
+    text, null = embs(prior)
+    merged = make_estimator("lods-lora", prior, {"merge_update": True, "lr": 1e-3})
+    separate = make_estimator("lods-lora", prior, {"lr": 1e-3})
+    with torch.no_grad():
+        for a, b in zip(merged.params, separate.params):
+            b.copy_(a)
+    run_step(merged, prior, z, 30.0, seed=4)
+    merged.update(z.detach(), text, null)
+    torch.manual_seed(4)
+    t = separate.config.schedule.sample(0, 2, 1000, z.device)
+    noise = torch.randn(z.shape)
+    separate._noisy_uniform = lambda z_: (t, noise, prior.add_noise(z_.float(), noise, t))
+    separate.update(z.detach(), text, null)
+    for a, b in zip(merged.params, separate.params):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert any(p.grad.abs().sum() > 0 for p in merged.params)
 
 
 def test_fresh_vsd_is_lods_at_infinite_cfg_scaled(prior):
