@@ -142,6 +142,7 @@ class TimestepSchedule:
 
 
 DEFAULT_LR = {"lods-embed": 1e-4, "lods-lora": 5e-7, "vsd": 1e-3}
+DEFAULT_ANNEAL_STEPS = 1000
 
 
 @dataclass
@@ -152,6 +153,9 @@ class GuidanceConfig:
     (``DEFAULT_LR``: the paper's 2D embedding rate, its 3D LoRA rate, ProlificDreamer's LoRA rate).
     lora_scale: scale of psi in LODS-LoRA, the same in Eq. 9's null branch and Eq. 10's update (0.5, the
     official release's ``lora_weight``).
+    cfg_end, anneal_steps: cfg-anneal's weight goes linearly from the run's CFG to ``cfg_end`` over
+    ``anneal_steps`` (None: a run's trainer sets its own step count, so it anneals within the run;
+    ``DEFAULT_ANNEAL_STEPS`` for an estimator used alone).
     merge_update: section 3.7's variant; the learned branch's forward of the theta step is kept with
     its graph and reused by ``update``, saving one UNet forward (the update then uses the theta step's t).
     """
@@ -165,7 +169,7 @@ class GuidanceConfig:
     lora_scale: float = 0.5
     camera_dropout: float = 0.1
     cfg_end: float = 7.5
-    anneal_steps: int = 1000
+    anneal_steps: int | None = None
     merge_update: bool = False
 
     def __post_init__(self):
@@ -331,7 +335,8 @@ class CfgAnneal(Sds):
     method = "cfg-anneal"
 
     def cfg_at(self, cfg: float, step: int) -> float:
-        return annealed_cfg(super().cfg_at(cfg, step), self.config.cfg_end, step, self.config.anneal_steps)
+        steps = self.config.anneal_steps if self.config.anneal_steps is not None else DEFAULT_ANNEAL_STEPS
+        return annealed_cfg(super().cfg_at(cfg, step), self.config.cfg_end, step, steps)
 
 
 class SdsRef(Estimator):

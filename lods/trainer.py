@@ -205,6 +205,8 @@ class Trainer:
             guidance["lr"] = config.learned_lr
         elif config.prior == "toy" and config.method in TOY_LEARNED_LR:
             guidance["lr"] = TOY_LEARNED_LR[config.method]
+        if config.method == "cfg-anneal" and guidance.get("anneal_steps") is None:
+            guidance["anneal_steps"] = config.steps  # anneal within the run, whatever its length
         try:
             self.estimator = make_estimator(config.method, self.prior, guidance)
         except ValueError as err:
