@@ -28,7 +28,7 @@ def _add_run_options(
     p.add_argument("--prior", default=None, help="toy (default), sd21, a diffusers hub id or a local folder")
     if method:
         p.add_argument("--method", default=None,
-                       help="sds, sds-ref, sds-norm, lods-embed, lods-lora, vsd, cfg-anneal, dds")
+                       help="sds, sds-ref, sds-norm, lods-embed, lods-lora, vsd, cfg-anneal, cfg-rescale, ism, dds")
     p.add_argument("--cfg", type=cfg_type, default=None, required=cfg_required, help=cfg_help)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)

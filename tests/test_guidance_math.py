@@ -16,6 +16,7 @@ from lods.guidance import (
     TimestepSchedule,
     annealed_cfg,
     cfg_combine,
+    cfg_rescale,
     dds_direction,
     denoising_loss,
     detached_target_loss,
@@ -312,7 +313,7 @@ def test_infinite_cfg(prior):
     for method in ("sds-norm", "lods-embed", "lods-lora"):
         out = run_step(make_estimator(method, prior), prior, z, math.inf)
         assert torch.isfinite(out.grad).all() and out.grad.abs().sum() > 0
-    for method in ("sds", "cfg-anneal", "vsd", "dds"):
+    for method in ("sds", "cfg-anneal", "cfg-rescale", "ism", "vsd", "dds"):
         est = make_estimator(method, prior)
         if method == "dds":
             est.set_source(z, embs(prior)[0])
@@ -475,6 +476,79 @@ def test_cfg_anneal_uses_the_annealed_weight(prior):
         torch.testing.assert_close(a.grad, b.grad)
 
 
+def test_cfg_rescale_follows_lin_et_al_eqs_15_16():
+    g = torch.Generator().manual_seed(2)
+    cond = torch.randn(3, 4, 5, 5, generator=g)
+    guided = 3 * torch.randn(3, 4, 5, 5, generator=g) + 1
+    torch.testing.assert_close(cfg_rescale(guided, cond, 0.0), guided)
+    for phi in (0.5, 0.7, 1.0):
+        out = cfg_rescale(guided, cond, phi)
+        s_c, s_g, s_o = (x.flatten(1).std(1) for x in (cond, guided, out))
+        torch.testing.assert_close(s_o, phi * s_c + (1 - phi) * s_g, rtol=1e-5, atol=1e-6)  # per view
+        ratio = out.flatten(1) / guided.flatten(1)  # a positive multiple of the guided prediction, view by view
+        torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio))
+        assert (ratio > 0).all()
+
+
+def _x0(z_t, eps, ab):
+    return (z_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+
+def test_cfg_rescale_estimator_rescales_the_guided_clean_estimate(prior):
+    z = latents(prior)
+    text, null = embs(prior)
+    est = make_estimator("cfg-rescale", prior, {"rescale_phi": 0.7})
+    out = run_step(est, prior, z, 50.0, seed=3)
+    torch.manual_seed(3)
+    t = est.config.schedule.sample(0, 2, 1000, z.device)
+    noise = torch.randn(z.shape)
+    z_t = prior.add_noise(z.detach(), noise, t)
+    ab = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    eps_c = prior.predict_noise(z_t, t, text.expand(2, -1, -1))
+    eps_u = prior.predict_noise(z_t, t, null.expand(2, -1, -1))
+    x_cfg, x_c = _x0(z_t, eps_u + 50 * (eps_c - eps_u), ab), _x0(z_t, eps_c, ab)
+    x = 0.7 * x_cfg * x_c.flatten(1).std(1).view(-1, 1, 1, 1) / x_cfg.flatten(1).std(1).view(-1, 1, 1, 1) \
+        + 0.3 * x_cfg
+    eps = (z_t - ab.sqrt() * x) / (1 - ab).sqrt()
+    torch.testing.assert_close(out.grad, (1 - ab) * (eps - noise), rtol=1e-4, atol=1e-5)
+    plain = run_step(make_estimator("cfg-rescale", prior, {"rescale_phi": 0.0}), prior, z, 50.0, seed=3)
+    sds = run_step(make_estimator("sds", prior), prior, z, 50.0, seed=3)
+    torch.testing.assert_close(plain.grad, sds.grad, rtol=1e-4, atol=1e-5)  # phi = 0 is SDS
+    with pytest.raises(ValueError, match="rescale_phi"):
+        make_estimator("cfg-rescale", prior, {"rescale_phi": 1.5})
+
+
+def test_ism_matches_lucid_dreamer_interval_score(prior):
+    """x_s: the clean latents DDIM-inverted with the unconditional prediction (strides of 200) to s = t - 50;
+    x_t: one more inversion step; direction: guided prediction at x_t minus the unconditional one at x_s."""
+    z = latents(prior, n=1)
+    text, null = embs(prior)
+    est = make_estimator("ism", prior, {"schedule": {"min_frac": 0.6, "max_frac": 0.6}})
+    out = run_step(est, prior, z, 20.0, seed=5)
+    assert out.stats["t"] == 600
+    torch.manual_seed(5)
+    est.config.schedule.sample(0, 1, 1000, z.device)
+    noise = torch.randn(z.shape)
+    ab = prior.alphas_cumprod
+
+    def invert(x, a, b):  # deterministic DDIM from step a to step b with the unconditional prediction
+        eps = prior.predict_noise(x, torch.tensor([a]), null)
+        return ab[b].sqrt() * _x0(x, eps, ab[a]) + (1 - ab[b]).sqrt() * eps, eps
+
+    x = ab[0].sqrt() * z.detach() + (1 - ab[0]).sqrt() * noise
+    for a, b in ((0, 200), (200, 400), (400, 550)):
+        x, _ = invert(x, a, b)
+    x_t, eps_s = invert(x, 550, 600)
+    tt = torch.tensor([600])
+    eps_c, eps_u = prior.predict_noise(x_t, tt, text), prior.predict_noise(x_t, tt, null)
+    expected = (1 - ab[600]) * (eps_u + 20 * (eps_c - eps_u) - eps_s)
+    torch.testing.assert_close(out.grad, expected, rtol=1e-4, atol=1e-5)
+    assert out.stats["unet_forward"] == 3 + 1 + 2  # three inversion strides, the x_s prediction, the CFG pair
+    sds = run_step(make_estimator("sds", prior, {"schedule": {"min_frac": 0.6, "max_frac": 0.6}}), prior, z, 20.0,
+                   seed=5)
+    assert not torch.allclose(out.grad, sds.grad)  # not the fresh noise of SDS
+
+
 def test_dds_vanishes_on_the_source_and_matches_eq4(prior):
     z = latents(prior)
     text, null = embs(prior)
@@ -535,7 +609,8 @@ def test_state_dict_round_trip(prior):
 
 
 def test_factory(prior):
-    assert set(METHODS) == {"sds", "sds-ref", "sds-norm", "lods-embed", "lods-lora", "vsd", "cfg-anneal", "dds"}
+    assert set(METHODS) == {"sds", "sds-ref", "sds-norm", "lods-embed", "lods-lora", "vsd", "cfg-anneal",
+                            "cfg-rescale", "ism", "dds"}
     with pytest.raises(ValueError, match="lods-embed"):
         make_estimator("nope", prior)
     with pytest.raises(ValueError, match="unknown guidance settings"):
