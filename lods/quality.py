@@ -82,6 +82,8 @@ VARIANTS = [
     Variant("SDS 100", "sds", 100.0),
     Variant("SDS-ref", "sds-ref", 100.0),
     Variant("CFG-anneal 100", "cfg-anneal", 100.0),
+    Variant("CFG-rescale 100", "cfg-rescale", 100.0),
+    Variant("ISM 100", "ism", 100.0),
     Variant("LODS-embed 100", "lods-embed", 100.0),
     Variant("LODS-embed 1000", "lods-embed", 1000.0),
     Variant("LODS-LoRA 100", "lods-lora", 100.0),
@@ -97,7 +99,7 @@ WEIGHT_SWEEP = [
 ]
 LR_SWEEP = [Variant(f"LODS-embed 100 lr {lr:g}", "lods-embed", 100.0, lr) for lr in (1e-4, 1e-3, 1e-2)]
 ALL_VARIANTS = VARIANTS + WEIGHT_SWEEP + LR_SWEEP
-QUICK_VARIANTS = [VARIANTS[0], VARIANTS[1], VARIANTS[4], VARIANTS[5], VARIANTS[7]]
+QUICK_VARIANTS = [VARIANTS[0], VARIANTS[1], VARIANTS[6], VARIANTS[7], VARIANTS[9]]
 
 
 def category_of(prompt: str) -> str:
@@ -119,6 +121,31 @@ def plan(quick: bool, seeds: int, steps: int, out: Path, lr_sweep: bool = True) 
     sweep_prompts = QUICK_PROMPTS[: 1 if quick else 3] if lr_sweep else []
     cells = [(p, v) for p in prompts for v in variants + (LR_SWEEP if p in sweep_prompts else [])]
     return [job_for(v, prompt, seed, steps, out) for seed in range(seeds) for prompt, v in cells]
+
+
+def plan_from_file(path: Path, out: Path) -> list[Job]:
+    """The runs a plan file declares, in its order: JSON with ``prompts``, ``variants`` (labels of
+    ``ALL_VARIANTS``), ``seeds`` and ``steps``; prompts outermost, so that a run cut short still compares
+    every variant on the prompts it reached. A subset is fixed in such a file before any result is seen."""
+    try:
+        spec = json.loads(Path(path).read_text())
+        prompts, labels, seeds, steps = spec["prompts"], spec["variants"], spec["seeds"], int(spec["steps"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"cannot read the plan {path}: {err}") from err
+    by_label = {v.label: v for v in ALL_VARIANTS}
+    unknown = [x for x in labels if x not in by_label]
+    if unknown:
+        raise UserError(f"unknown variant(s) in {path}: {', '.join(unknown)}; choose from: {', '.join(by_label)}")
+    from lods.priors.toy.world import parse_caption
+
+    for p in prompts:
+        try:
+            parse_caption(p)
+        except ValueError as err:
+            raise UserError(f"{path}: {err}") from err
+    if steps < 1 or not seeds:
+        raise UserError(f"{path}: steps must be at least 1 and seeds not empty")
+    return [job_for(by_label[x], p, int(seed), steps, out) for seed in seeds for p in prompts for x in labels]
 
 
 def job_for(v: Variant, prompt: str, seed: int, steps: int, out: Path) -> Job:
@@ -340,7 +367,7 @@ def comparisons(rows: list[dict[str, Any]]) -> list[Comparison]:
         Comparison(2, "SDS 100", "LODS-embed 100", "detail_ratio", "abs. log2 detail ratio (high frequencies)", "less"),
         Comparison(2, "SDS 100", "LODS-embed 100", "alignment", "alignment", "greater"),
     ]
-    for other in ("CFG-anneal 100", "SDS-rescale 100", "ISM 100"):  # LODS against the simple fixes
+    for other in ("CFG-anneal 100", "CFG-rescale 100", "ISM 100"):  # LODS against the simple fixes
         out.append(Comparison(2, other, "LODS-embed 100", "saturation_error", "abs. saturation error", "less",
                               absolute=True))
     for a, b in (("LODS-embed 100", "LODS-embed 1000"), ("LODS-embed 100", "LODS-embed 1e4"),
@@ -394,7 +421,7 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     for r in rows:
         for k, v in r.items():
             if k in NUMERIC_COLUMNS and v not in ("", None):
-                r[k] = float(v)
+                r[k] = int(float(v)) if k in ("seed", "steps") else float(v)
     return rows
 
 
@@ -424,9 +451,11 @@ def write_report(rows: list[dict[str, Any]], references: dict[str, dict], out: P
     world = {k: float(np.mean([references[p][k] for p in references])) for k in ("saturation", "clipped",
                                                                                   fl, "alignment")}
     fl_name = "opaque pixels (alpha > 0.5)" if fl == "floater_hard" else "soft alpha"
+    about = (out / "about.txt").read_text().strip() if (out / "about.txt").exists() else ""
     lines = [
         "# Quality benchmark (toy prior, Gaussian splats)",
         "",
+        *([about, ""] if about else []),
         f"{len(rows)} runs{note}, {len({r['prompt'] for r in rows})} prompts, seeds "
         f"{sorted({int(r['seed']) for r in rows})}, {int(rows[0]['steps']) if rows else 0} steps each. "
         f"World renders of the same prompts: saturation {world['saturation']:.3f}, clipped {world['clipped']:.3f}, "
@@ -513,9 +542,10 @@ def _write_grid(rows: list[dict[str, Any]], references: dict[str, dict], out: Pa
 def run_quality(
     out: Path, quick: bool = False, seeds: int = 2, steps: int = DEFAULT_STEPS, executor: str = "sequential",
     ray_address: str | None = None, lr_sweep: bool = True, report_only: bool = False,
+    plan_file: Path | None = None,
 ) -> list[dict[str, Any]]:
+    jobs = plan_from_file(plan_file, out) if plan_file else plan(quick, seeds, steps, out, lr_sweep)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = plan(quick, seeds, steps, out, lr_sweep)
     todo = [] if report_only else [j for j in jobs if not (Path(j.out) / "quality.json").exists()]
     print(f"quality benchmark: {len(jobs)} runs, {len(jobs) - len(todo)} already done; results in {out} "
           "(another process started on the same folder shares the work)")
@@ -544,7 +574,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     if not args.out:
         raise UserError("bench quality needs --out DIR")
     steps = args.steps or DEFAULT_STEPS
+    plan_file = getattr(args, "plan", None)
     rows = run_quality(Path(args.out), args.quick, seeds, steps, args.executor, args.ray_address,
-                       report_only=args.report_only)
+                       report_only=args.report_only, plan_file=Path(plan_file) if plan_file else None)
     print((Path(args.out) / "report.md").read_text() if rows else "no run finished")
     return 0 if rows else 1

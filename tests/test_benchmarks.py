@@ -83,7 +83,8 @@ def test_quality_plan_prompts_are_valid_and_balanced(tmp_path):
 
 def test_quality_benchmark_writes_results_report_and_grid(tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "QUICK_PROMPTS", ["a red cube"])
-    monkeypatch.setattr(quality, "QUICK_VARIANTS", [quality.VARIANTS[0], quality.VARIANTS[4]])
+    by = {v.label: v for v in quality.VARIANTS}
+    monkeypatch.setattr(quality, "QUICK_VARIANTS", [by["SDS 7.5"], by["LODS-embed 100"]])
     out = tmp_path / "q"
     rows = quality.run_quality(out, quick=True, seeds=1, steps=2, lr_sweep=False)
     assert len(rows) == 2
@@ -101,6 +102,26 @@ def test_quality_benchmark_writes_results_report_and_grid(tmp_path, monkeypatch)
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("quality.json")}
     quality.run_quality(out, quick=True, seeds=1, steps=2, lr_sweep=False)  # resumes: nothing re-runs
     assert {p: p.stat().st_mtime_ns for p in out.rglob("quality.json")} == stamp
+
+
+def test_quality_plan_file_runs_the_declared_subset(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"prompts": ["a red cube"], "variants": ["ISM 100", "LODS-embed inf"],
+                                "seeds": [3], "steps": 2}))
+    out = tmp_path / "q"
+    assert main(["bench", "quality", "--plan", str(plan), "--out", str(out)]) == 0
+    with (out / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert sorted((r["variant"], r["seed"]) for r in table) == [("ISM 100", "3"), ("LODS-embed inf", "3")]
+    assert float(next(r["cfg"] for r in table if r["method"] == "lods-embed")) == float("inf")
+    for bad, needle in (({"prompts": ["a red cube"], "variants": ["SDS 5"], "seeds": [0], "steps": 2}, "SDS 5"),
+                        ({"prompts": ["a plaid cube"], "variants": ["SDS 100"], "seeds": [0], "steps": 2}, "plaid"),
+                        ({"prompts": ["a red cube"]}, "variants")):
+        plan.write_text(json.dumps(bad))
+        capsys.readouterr()
+        assert main(["bench", "quality", "--plan", str(plan), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and needle in err and "\n" not in err
 
 
 def _tiny_argv(tiny_sd_dir):
