@@ -91,13 +91,20 @@ VARIANTS = [
 ]
 # Claim 3: the normalized estimators towards the infinite weight (the paper places floaters beyond 1000).
 WEIGHT_SWEEP = [
+    Variant("SDS 30", "sds", 30.0),  # SDS's own CFG sweep: 7.5, 30, 100
     Variant("LODS-embed 1e4", "lods-embed", 1e4),
     Variant("LODS-embed inf", "lods-embed", math.inf),
     Variant("SDS-norm 100", "sds-norm", 100.0),
     Variant("SDS-norm 1e4", "sds-norm", 1e4),
     Variant("SDS-norm inf", "sds-norm", math.inf),
 ]
-LR_SWEEP = [Variant(f"LODS-embed 100 lr {lr:g}", "lods-embed", 100.0, lr) for lr in (1e-4, 1e-3, 1e-2)]
+# The learned estimators' learning rates, swept on the first prompts beside the default: LODS's embedding and
+# VSD's LoRA (which learns from scratch, so it is the one most likely to want another rate).
+LR_SWEEPS = {
+    "LODS-embed 100": [Variant(f"LODS-embed 100 lr {lr:g}", "lods-embed", 100.0, lr) for lr in (1e-4, 1e-3, 1e-2)],
+    "VSD 7.5": [Variant(f"VSD 7.5 lr {lr:g}", "vsd", 7.5, lr) for lr in (1e-4, 1e-2)],
+}
+LR_SWEEP = [v for vs in LR_SWEEPS.values() for v in vs]
 ALL_VARIANTS = VARIANTS + WEIGHT_SWEEP + LR_SWEEP
 QUICK_VARIANTS = [VARIANTS[0], VARIANTS[1], VARIANTS[6], VARIANTS[7], VARIANTS[9]]
 
@@ -492,27 +499,33 @@ def write_report(rows: list[dict[str, Any]], references: dict[str, dict], out: P
 
 
 def lr_table(rows: list[dict[str, Any]]) -> list[str]:
-    """LODS-embed at CFG 100 by embedding learning rate, on the prompts the sweep ran (the default rate's
-    runs restricted to the same prompts and seeds, so that the rows compare)."""
-    sweep = [r for r in rows if r["variant"] in {v.label for v in LR_SWEEP}]
-    if not sweep:
-        return []
-    cells = {(r["prompt"], r["seed"]) for r in sweep}
+    """Each learned estimator by learning rate, on the prompts its sweep ran (the default rate's runs restricted
+    to the same prompts and seeds, so that the rows compare)."""
+    from lods.guidance import DEFAULT_LR
     from lods.trainer import TOY_LEARNED_LR
 
-    default = [r for r in rows if r["variant"] == "LODS-embed 100" and (r["prompt"], r["seed"]) in cells]
-    groups = [(f"{TOY_LEARNED_LR['lods-embed']:g} (default)", default)]
-    groups += [(f"{v.learned_lr:g}", [r for r in sweep if r["variant"] == v.label]) for v in LR_SWEEP]
-    lines = ["", f"Embedding learning rate (LODS-embed, CFG 100) on {len({p for p, _ in cells})} prompt(s): "
-             + ", ".join(sorted({p for p, _ in cells})), "",
-             "| learning rate | runs | alignment | saturation error | artifact | floater |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for name, rs in groups:
-        if rs:
-            m = {k: float(np.mean([r[k] for r in rs])) for k in ("alignment", "saturation_error", "artifact_score",
-                                                                  "floater_score")}
-            lines.append(f"| {name} | {len(rs)} | {m['alignment']:.3f} | {m['saturation_error']:+.3f} | "
-                         f"{m['artifact_score']:.3f} | {m['floater_score']:.3f} |")
+    lines = []
+    for base, variants in LR_SWEEPS.items():
+        sweep = [r for r in rows if r["variant"] in {v.label for v in variants}]
+        if not sweep:
+            continue
+        cells = {(r["prompt"], r["seed"]) for r in sweep}
+        method = variants[0].method
+        default_lr = TOY_LEARNED_LR.get(method, DEFAULT_LR.get(method))
+        default = [r for r in rows if r["variant"] == base and (r["prompt"], r["seed"]) in cells]
+        groups = [(f"{default_lr:g} (default)", default)]
+        groups += [(f"{v.learned_lr:g}", [r for r in sweep if r["variant"] == v.label]) for v in variants]
+        lines += ["", f"Learning rate of {base} on {len({p for p, _ in cells})} prompt(s): "
+                  + ", ".join(sorted({p for p, _ in cells})), "",
+                  "| learning rate | runs | alignment | saturation error | artifact | floater |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        fl = floater_key(rows)
+        for name, rs in groups:
+            if rs:
+                m = {k: float(np.mean([_num(r, k) for r in rs]))
+                     for k in ("alignment", "saturation_error", "artifact_score", fl)}
+                lines.append(f"| {name} | {len(rs)} | {m['alignment']:.3f} | {m['saturation_error']:+.3f} | "
+                             f"{m['artifact_score']:.3f} | {m[fl]:.3f} |")
     return lines
 
 
