@@ -407,8 +407,8 @@ def claims(rows: list[dict[str, Any]]) -> list[str]:
         if not mine:
             continue
         lines += [f"**{number}. {text}.**", "",
-                  "| B vs A | measure | prompts | A | B | B - A [95% interval] | B better / worse | Wilcoxon p | "
-                  "verdict |",
+                  "| B vs A | measure | prompts | A | B | B - A [95% interval] | prompts as claimed / against | "
+                  "Wilcoxon p | verdict |",
                   "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
         for c, cat, r in mine:
             arrow = "<" if c.claimed == "less" else ">"
