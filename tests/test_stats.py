@@ -132,3 +132,17 @@ def test_claims_report_states_the_interval_and_verdict(tmp_path):
     assert "| holds" in line and "8 / 0" in line
     assert "floater score (soft alpha)" not in report  # no floater comparison without the variants it needs
     assert "| SDS 100 | 8 |" in report
+
+
+def test_learning_rate_tables_compare_each_learned_estimator_on_its_sweep_prompts():
+    def row(variant, prompt, sat):
+        return {"variant": variant, "prompt": prompt, "seed": 0, "alignment": 1.0, "saturation_error": sat,
+                "artifact_score": 0.2, "floater_score": 0.1, "floater_hard": 0.05}
+
+    rows = [row("VSD 7.5", "a red cube", 0.3), row("VSD 7.5", "a blue sphere", 0.9),  # the second is not swept
+            row("VSD 7.5 lr 0.0001", "a red cube", 0.1), row("LODS-embed 100", "a red cube", 0.0)]
+    lines = quality.lr_table(rows)
+    assert any(s.startswith("Learning rate of VSD 7.5 on 1 prompt(s)") for s in lines)
+    assert "| 0.001 (default) | 1 | 1.000 | +0.300 | 0.200 | 0.050 |" in lines  # the same prompt only
+    assert "| 0.0001 | 1 | 1.000 | +0.100 | 0.200 | 0.050 |" in lines
+    assert not any("LODS-embed" in s for s in lines)  # no LODS sweep ran
