@@ -17,6 +17,8 @@ METHOD_LABELS = {
     "sds-norm": "SDS-norm: SDS divided by w",
     "vsd": "VSD (ProlificDreamer)",
     "cfg-anneal": "SDS with annealed CFG",
+    "cfg-rescale": "SDS with CFG rescale (MVDream)",
+    "ism": "ISM (LucidDreamer)",
 }
 BACKBONE_LABELS = {"gs": "Gaussian splats", "nerf": "NeRF", "image": "2D image"}
 STATE_LABELS = {

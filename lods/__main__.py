@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quality: seeds per prompt and method (default 2, quick 1)")
     b.add_argument("--report-only", action="store_true",
                    help="quality: write the report from the finished runs, run nothing")
+    b.add_argument("--plan", default=None, help="quality: a JSON file of prompts, variants, seeds and steps to run")
     b.add_argument("--backbones", default="gs,nerf,image", help="speed: comma-separated backbones")
     b.add_argument("--methods", default=None, help="speed: comma-separated estimators (default: all)")
     b.add_argument("--device", default=None, help="speed: cpu or cuda (default: cuda when available)")

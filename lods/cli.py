@@ -89,9 +89,18 @@ def config_dict(args: argparse.Namespace) -> dict[str, Any]:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "quality":
-        from lods.bench import quality
+        from lods.bench.quality import DEFAULT_STEPS, run_quality
+        from lods.priors.diffusers_prior import judge_path
 
-        return quality.run_from_args(args)
+        if judge_path(args.prior) is None:
+            raise UserError("`bench quality` measures against the toy world: it runs on --prior toy only")
+        if not args.out:
+            raise UserError("bench quality needs --out DIR")
+        rows = run_quality(Path(args.out), args.quick, args.seeds or (1 if args.quick else 2),
+                           args.steps or DEFAULT_STEPS, args.executor, args.ray_address, report_only=args.report_only,
+                           plan_file=Path(args.plan) if args.plan else None)
+        print((Path(args.out) / "report.md").read_text() if rows else "no run finished")
+        return 0 if rows else 1
     if args.what == "speed":
         from lods.bench.speed import run_speed
 

@@ -67,6 +67,40 @@ def vsd_direction(eps_hat_pretrained: torch.Tensor, eps_lora: torch.Tensor) -> t
     return eps_hat_pretrained - eps_lora
 
 
+def cfg_rescale(eps_hat: torch.Tensor, eps_c: torch.Tensor, phi: float) -> torch.Tensor:
+    """CFG rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Eqs. 15-16;
+    MVDream's ``recon_std_rescale``): the guided prediction scaled to the conditional one's standard deviation
+    (per view), then mixed back with the guided one, phi rescaled + (1 - phi) guided."""
+    dims = list(range(1, eps_hat.dim()))
+    factor = (eps_c.std(dim=dims, keepdim=True) + 1e-8) / (eps_hat.std(dim=dims, keepdim=True) + 1e-8)
+    return phi * (eps_hat * factor) + (1 - phi) * eps_hat
+
+
+def x0_from_eps(z_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The clean latents a noise prediction implies: (z_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)."""
+    ab = alpha_bar.view(-1, *([1] * (z_t.dim() - 1)))
+    return (z_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+
+def eps_from_x0(z_t: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The noise prediction that implies ``x0``: (z_t - sqrt(alpha_bar) x0) / sqrt(1 - alpha_bar)."""
+    ab = alpha_bar.view(-1, *([1] * (z_t.dim() - 1)))
+    return (z_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, ab_from: torch.Tensor, ab_to: torch.Tensor) -> torch.Tensor:
+    """A deterministic DDIM step (eta 0) from noise level ``ab_from`` to ``ab_to`` with the prediction ``eps``:
+    sqrt(ab_to) x0 + sqrt(1 - ab_to) eps. Towards more noise it is DDIM inversion."""
+    ab = ab_to.view(-1, *([1] * (x.dim() - 1)))
+    return ab.sqrt() * x0_from_eps(x, eps, ab_from) + (1 - ab).sqrt() * eps
+
+
+def ism_direction(eps_hat_t: torch.Tensor, eps_null_s: torch.Tensor) -> torch.Tensor:
+    """LucidDreamer's interval score (ISM, Liang et al. 2024, Eq. 17): the guided prediction at the
+    DDIM-inverted x_t minus the unconditional prediction at x_s, s = t - interval (not the added noise)."""
+    return eps_hat_t - eps_null_s
+
+
 def denoising_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Eqs. 8 and 10: ||eps(z_t; alpha or psi) - eps||^2, as a mean over elements (the constant factor omitted)."""
     return ((eps_pred.float() - noise.float()) ** 2).mean()
@@ -142,6 +176,7 @@ class TimestepSchedule:
 
 
 DEFAULT_LR = {"lods-embed": 1e-4, "lods-lora": 5e-7, "vsd": 1e-3}
+DEFAULT_ANNEAL_STEPS = 1000
 
 
 @dataclass
@@ -150,7 +185,14 @@ class GuidanceConfig:
 
     lr: learning rate of the learned parameters (alpha, LoRA); None takes the method's default
     (``DEFAULT_LR``: the paper's 2D embedding rate, its 3D LoRA rate, ProlificDreamer's LoRA rate).
-    lora_scale: scale of psi in the null branch of Eq. 9 (0.5 in the official release).
+    lora_scale: scale of psi in LODS-LoRA, the same in Eq. 9's null branch and Eq. 10's update (0.5, the
+    official release's ``lora_weight``).
+    cfg_end, anneal_steps: cfg-anneal's weight goes linearly from the run's CFG to ``cfg_end`` over
+    ``anneal_steps`` (None: a run's trainer sets its own step count, so it anneals within the run;
+    ``DEFAULT_ANNEAL_STEPS`` for an estimator used alone).
+    rescale_phi: cfg-rescale's mix of the rescaled prediction (0.5 as MVDream; Lin et al. suggest 0.7).
+    ism_interval, ism_inversion_step: ISM's s = t - ``ism_interval`` and the stride of the DDIM inversion
+    from the clean latents to x_s (LucidDreamer's delta_t 50 and xs_delta_t 200, in steps of T = 1000).
     merge_update: section 3.7's variant; the learned branch's forward of the theta step is kept with
     its graph and reused by ``update``, saving one UNet forward (the update then uses the theta step's t).
     """
@@ -164,12 +206,19 @@ class GuidanceConfig:
     lora_scale: float = 0.5
     camera_dropout: float = 0.1
     cfg_end: float = 7.5
-    anneal_steps: int = 1000
+    anneal_steps: int | None = None
+    rescale_phi: float = 0.5
+    ism_interval: int = 50
+    ism_inversion_step: int = 200
     merge_update: bool = False
 
     def __post_init__(self):
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting '{self.weighting}'; choose one of: {', '.join(WEIGHTINGS)}")
+        if not 0 <= self.rescale_phi <= 1:
+            raise ValueError(f"rescale_phi must be between 0 and 1, not {self.rescale_phi}")
+        if self.ism_interval < 1 or self.ism_inversion_step < 1:
+            raise ValueError("ism_interval and ism_inversion_step must be at least 1")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GuidanceConfig:
@@ -252,6 +301,10 @@ class Estimator:
         self._forward = self._backward = 0
         return counts
 
+    def noisy(self, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, null_emb: torch.Tensor) -> torch.Tensor:
+        """z_t from the clean latents: fresh noise (Eq. 1) for every method but ISM."""
+        return self.prior.add_noise(z, noise, t)
+
     def direction(
         self, z_t: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor,
         null_emb: torch.Tensor, cfg: float, step: int, cameras: Cameras | None,
@@ -268,8 +321,8 @@ class Estimator:
         self._forward = self._backward = 0
         t = self.config.schedule.sample(step, n, self.prior.num_train_timesteps, z.device)
         noise = torch.randn(z.shape, device=z.device, dtype=torch.float32)
-        z_t = self.prior.add_noise(z.detach().float(), noise, t)
         with torch.no_grad():
+            z_t = self.noisy(z.detach().float(), noise, t, _per_view(null_emb, n))
             raw, stats = self.direction(
                 z_t, noise, t, _per_view(text_emb, n), _per_view(null_emb, n), cfg, step, cameras
             )
@@ -342,7 +395,56 @@ class CfgAnneal(Sds):
     label = "CFG-anneal"
 
     def cfg_at(self, cfg: float, step: int) -> float:
-        return annealed_cfg(super().cfg_at(cfg, step), self.config.cfg_end, step, self.config.anneal_steps)
+        steps = self.config.anneal_steps if self.config.anneal_steps is not None else DEFAULT_ANNEAL_STEPS
+        return annealed_cfg(super().cfg_at(cfg, step), self.config.cfg_end, step, steps)
+
+
+class CfgRescale(Sds):
+    """SDS with CFG rescale (MVDream's ``recon_std_rescale``): the guided prediction's clean-latent estimate is
+    rescaled towards the conditional one's standard deviation by ``config.rescale_phi`` (Lin et al. 2024,
+    Eqs. 15-16), and the direction is the noise prediction that estimate implies minus the added noise."""
+
+    method = "cfg-rescale"
+
+    def direction(self, z_t, noise, t, text_emb, null_emb, cfg, step, cameras):
+        w = self.cfg_at(cfg, step)
+        eps_c, eps_u = self._pair(z_t, t, text_emb, null_emb)
+        ab = self.prior.alphas_cumprod[t].to(z_t.device, torch.float32)
+        x0 = cfg_rescale(x0_from_eps(z_t, cfg_combine(eps_c, eps_u, w).float(), ab),
+                         x0_from_eps(z_t, eps_c.float(), ab), self.config.rescale_phi)
+        return sds_direction(eps_from_x0(z_t, x0, ab), noise), {"cfg": w}
+
+
+class Ism(Sds):
+    """LucidDreamer's interval score matching: x_s is the clean latents DDIM-inverted (unconditional prediction,
+    strides of ``config.ism_inversion_step``) to s = t - ``config.ism_interval``, x_t one more inversion step
+    from x_s; the direction is the CFG-guided prediction at x_t minus the unconditional one at x_s (instead of
+    the fresh noise of SDS). ``noisy`` builds x_t; ``direction`` reads the x_s prediction it kept."""
+
+    method = "ism"
+
+    def __init__(self, prior: DiffusionPrior, config: GuidanceConfig | None = None):
+        super().__init__(prior, config)
+        self._eps_s: torch.Tensor | None = None
+
+    def noisy(self, z, noise, t, null_emb):
+        ab = self.prior.alphas_cumprod.to(z.device, torch.float32)
+        s = (t - self.config.ism_interval).clamp_min(0)
+        x = self.prior.add_noise(z, noise, torch.zeros_like(t))  # the official code starts at t = 0
+        cur = torch.zeros_like(t)
+        while bool((cur < s).any()):  # DDIM inversion 0 -> s
+            eps = self._eps(x, cur, null_emb).float()
+            nxt = torch.minimum(cur + self.config.ism_inversion_step, s)
+            x = torch.where((cur < s).view(-1, 1, 1, 1), ddim_step(x, eps, ab[cur], ab[nxt]), x)
+            cur = nxt
+        self._eps_s = self._eps(x, s, null_emb).float()
+        return ddim_step(x, self._eps_s, ab[s], ab[t])  # x_s -> x_t
+
+    def direction(self, z_t, noise, t, text_emb, null_emb, cfg, step, cameras):
+        w = self.cfg_at(cfg, step)
+        eps_c, eps_u = self._pair(z_t, t, text_emb, null_emb)
+        eps_s, self._eps_s = self._eps_s, None
+        return ism_direction(cfg_combine(eps_c, eps_u, w).float(), eps_s), {"cfg": w}
 
 
 class SdsRef(Estimator):
@@ -513,8 +615,9 @@ class LodsLora(_Learner):
 
     Theta step: Eq. 9, the conditional branch on the base model (LoRA scale 0) and the null branch on
     the LoRA model at ``config.lora_scale``. Update: Eq. 10, the denoising loss of eps_psi(z_t; null)
-    at full LoRA scale, t uniform in [0, T). With ``merge_update`` psi is trained through the theta
-    step's null-branch forward, i.e. at ``lora_scale`` and at the theta step's t.
+    at the same ``config.lora_scale`` (Eqs. 9 and 10 share one psi; the official release trains and
+    applies it at ``lora_weight`` 0.5), t uniform in [0, T). With ``merge_update`` psi is trained
+    through the theta step's null-branch forward, at the same scale and at the theta step's t.
     """
 
     method = "lods-lora"
@@ -546,7 +649,7 @@ class LodsLora(_Learner):
             t, noise, z_t = self._noisy_uniform(z)
             self._set_trainable(True)
             try:
-                with self.prior.lora_scale(self.adapter, 1.0), torch.enable_grad():
+                with self.prior.lora_scale(self.adapter, self.config.lora_scale), torch.enable_grad():
                     loss = self._learn(denoising_loss(self._eps(z_t, t, _per_view(null_emb, n)), noise), n)
             finally:
                 self._set_trainable(False)
@@ -637,7 +740,7 @@ class Dds(Estimator):
 
 
 METHODS: dict[str, type[Estimator]] = {
-    cls.method: cls for cls in (Sds, SdsRef, SdsNorm, LodsEmbed, LodsLora, Vsd, CfgAnneal, Dds)
+    cls.method: cls for cls in (Sds, SdsRef, SdsNorm, LodsEmbed, LodsLora, Vsd, CfgAnneal, CfgRescale, Ism, Dds)
 }
 
 

@@ -46,11 +46,14 @@ def color_stats(images: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     }
 
 
-def floater_score(alpha: torch.Tensor, threshold: float = 0.5, components: int = 1) -> float:
+def floater_score(alpha: torch.Tensor, threshold: float = 0.5, components: int = 1, hard: bool = False) -> float:
     """Share of rendered alpha outside the ``components`` largest 8-connected components of
     ``alpha > threshold`` (one per object of the caption), averaged over views. 0 for solid objects;
-    near 1 for dust everywhere."""
+    near 1 for dust everywhere. ``hard``: count opaque pixels (alpha > threshold) only, so that the soft
+    edge of a solid object is not read as floaters."""
     a = (alpha[:, 0] if alpha.dim() == 4 else alpha).detach().float().cpu().numpy()
+    if hard:
+        a = (a > threshold).astype(np.float32)
     scores = []
     for view in a:
         total = view.sum()
@@ -67,6 +70,16 @@ def floater_score(alpha: torch.Tensor, threshold: float = 0.5, components: int =
     return float(np.mean(scores))
 
 
-def saturation_error(images: torch.Tensor, mask: torch.Tensor, reference: dict[str, float]) -> float:
-    """Mean object saturation minus the reference's (signed: > 0 over-saturated, < 0 washed out)."""
-    return color_stats(images, mask)["saturation"] - reference["saturation"]
+def detail_energy(images: torch.Tensor, mask: torch.Tensor) -> float:
+    """High-frequency energy of the object: the mean squared 4-neighbour Laplacian (summed over channels)
+    of the pixels inside ``mask`` whose four neighbours are inside too, so that the stencil never crosses
+    the object's outline. Smooth shading gives little; texture, noise and blotches give more; NaN when no
+    pixel qualifies."""
+    m = _mask(mask)
+    x = images.float()
+    inner = m[:, 1:-1, 1:-1] & m[:, :-2, 1:-1] & m[:, 2:, 1:-1] & m[:, 1:-1, :-2] & m[:, 1:-1, 2:]
+    if not inner.any():
+        return float("nan")
+    c = x[..., 1:-1, 1:-1]
+    lap = 4 * c - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]
+    return float(lap.pow(2).sum(1)[inner].mean())

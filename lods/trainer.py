@@ -120,6 +120,8 @@ class Trainer:
             gaussians = dataclasses.replace(gaussians, max_points=defaults.max_gaussians)
         learned_lr = config.learned_lr if config.learned_lr is not None else defaults.learned_rate(config.method)
         guidance = config.guidance if learned_lr is None else dataclasses.replace(config.guidance, lr=learned_lr)
+        if guidance.anneal_steps is None:  # CFG-anneal anneals within the run, whatever its length
+            guidance = dataclasses.replace(guidance, anneal_steps=config.steps)
         self._resolved = dict(device=str(self.device), resolution=self.resolution, view_prompts=self.view_prompts,
                               gaussians=gaussians, guidance=guidance)
 

@@ -42,25 +42,26 @@ def test_world_renders_measure_as_the_world_and_damage_shows():
     assert damaged["clipped"] > same["clipped"]
 
 
-def _table(**over):
-    base = {"saturation_error": -0.2, "artifact_score": 0.3, "alignment": 0.5, "floater_score": 0.05, "clipped": 0.0}
-    rows = {k: dict(base, variant=k) for k in ("SDS 7.5", "SDS 100", "LODS-embed 100", "LODS-embed 1000")}
-    for k, v in over.items():
-        rows[k].update(v)
-    return list(rows.values())
+def test_hard_floater_score_ignores_soft_edges_and_counts_opaque_specks():
+    alpha = torch.zeros(1, 1, 32, 32)
+    alpha[..., 4:20, 4:20] = 0.3  # a soft halo around the object
+    alpha[..., 6:18, 6:18] = 1.0
+    assert metrics.floater_score(alpha) == pytest.approx(0.3 * 112 / (144 + 0.3 * 112))  # the halo, soft
+    assert metrics.floater_score(alpha, hard=True) == 0.0
+    alpha[..., 28:30, 28:30] = 1.0  # an opaque 4 px speck
+    assert metrics.floater_score(alpha, hard=True) == pytest.approx(4 / (144 + 4))
 
 
-def test_claim_verdicts_follow_the_numbers():
-    holds = quality.claims(_table(**{
-        "SDS 100": {"saturation_error": 0.2, "artifact_score": 0.6},
-        "LODS-embed 100": {"saturation_error": 0.02, "artifact_score": 0.3},
-        "LODS-embed 1000": {"floater_score": 0.2},
-    }))
-    assert [c.split(": ")[1].split(" ")[0] for c in holds] == ["holds", "holds", "holds"]
-    fails = quality.claims(_table(**{"SDS 100": {"saturation_error": -0.4}}))
-    assert "washes the colours out" in fails[0]
-    assert "does not hold" in fails[2]
-    assert "+0.000" not in fails[0] and "-0.400" in fails[0]
+def test_detail_energy_reads_texture_inside_the_object_not_its_outline():
+    mask = torch.zeros(1, 32, 32, dtype=torch.bool)
+    mask[:, 8:24, 8:24] = True
+    flat = torch.ones(1, 3, 32, 32)
+    flat[..., 8:24, 8:24] = torch.tensor([0.8, 0.1, 0.1])[:, None, None]  # a plain square on white
+    assert metrics.detail_energy(flat, mask) == pytest.approx(0.0, abs=1e-10)
+    textured = flat.clone()
+    textured[..., 8:24:2, 8:24] *= 0.5  # stripes
+    assert metrics.detail_energy(textured, mask) > 0.05
+    assert np.isnan(metrics.detail_energy(flat, torch.zeros_like(mask)))
 
 
 def test_quality_plan_prompts_are_valid_and_balanced(tmp_path):
@@ -71,15 +72,20 @@ def test_quality_plan_prompts_are_valid_and_balanced(tmp_path):
     assert all(not parse_caption(p).held_out for p in prompts)
     assert {quality.category_of(p) for p in quality.QUICK_PROMPTS} == set(quality.QUALITY_PROMPTS)
     jobs = quality.plan(quick=False, seeds=2, steps=10, out=tmp_path)
-    assert len(jobs) == 2 * (24 * len(quality.VARIANTS) + 3 * len(quality.LR_SWEEP))
+    assert len(jobs) == 2 * (24 * (len(quality.VARIANTS) + len(quality.WEIGHT_SWEEP)) + 3 * len(quality.LR_SWEEP))
+    assert {j.config["cfg"] for j in jobs if j.config["method"] == "sds-norm"} == {100.0, 1e4, float("inf")}
+    anneal = [j.config for j in jobs if j.config["method"] == "cfg-anneal"]
+    assert anneal and all(c["guidance"]["anneal_steps"] == c["steps"] == 10 for c in anneal)  # within the run
     assert len({j.out for j in jobs}) == len(jobs)
-    first = [j.config["prompt"] for j in jobs[: 3 * len(quality.VARIANTS)]]
+    per_prompt = len(quality.VARIANTS) + len(quality.WEIGHT_SWEEP) + len(quality.LR_SWEEP)
+    first = [j.config["prompt"] for j in jobs[: 3 * per_prompt]]
     assert {quality.category_of(p) for p in first} == set(quality.QUALITY_PROMPTS)  # interleaved categories
 
 
 def test_quality_benchmark_writes_results_report_and_grid(tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "QUICK_PROMPTS", ["a red cube"])
-    monkeypatch.setattr(quality, "QUICK_VARIANTS", [quality.VARIANTS[0], quality.VARIANTS[4]])
+    by = {v.label: v for v in quality.VARIANTS}
+    monkeypatch.setattr(quality, "QUICK_VARIANTS", [by["SDS 7.5"], by["LODS-embed 100"]])
     out = tmp_path / "q"
     rows = quality.run_quality(out, quick=True, seeds=1, steps=2, lr_sweep=False)
     assert len(rows) == 2
@@ -92,10 +98,31 @@ def test_quality_benchmark_writes_results_report_and_grid(tmp_path, monkeypatch)
     assert "| SDS 7.5 | 1 |" in report and "| LODS-embed 100 | 1 |" in report
     assert (out / "grid.png").exists()
     first = json.loads(next(out.rglob("quality.json")).read_text())
-    assert 0 <= first["alignment"] <= 1 and 0 <= first["floater_score"] <= 1
+    assert 0 <= first["alignment"] <= 1 and 0 <= first["floater_score"] <= 1 and 0 <= first["floater_hard"] <= 1
+    assert "## The paper's claims on this world, paired per prompt" in report
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("quality.json")}
     quality.run_quality(out, quick=True, seeds=1, steps=2, lr_sweep=False)  # resumes: nothing re-runs
     assert {p: p.stat().st_mtime_ns for p in out.rglob("quality.json")} == stamp
+
+
+def test_quality_plan_file_runs_the_declared_subset(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"prompts": ["a red cube"], "variants": ["ISM 100", "LODS-embed inf"],
+                                "seeds": [3], "steps": 2}))
+    out = tmp_path / "q"
+    assert main(["bench", "quality", "--plan", str(plan), "--out", str(out)]) == 0
+    with (out / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert sorted((r["variant"], r["seed"]) for r in table) == [("ISM 100", "3"), ("LODS-embed inf", "3")]
+    assert float(next(r["cfg"] for r in table if r["method"] == "lods-embed")) == float("inf")
+    for bad, needle in (({"prompts": ["a red cube"], "variants": ["SDS 5"], "seeds": [0], "steps": 2}, "SDS 5"),
+                        ({"prompts": ["a plaid cube"], "variants": ["SDS 100"], "seeds": [0], "steps": 2}, "plaid"),
+                        ({"prompts": ["a red cube"]}, "variants")):
+        plan.write_text(json.dumps(bad))
+        capsys.readouterr()
+        assert main(["bench", "quality", "--plan", str(plan), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and needle in err and "\n" not in err
 
 
 def _tiny_argv(tiny_sd_dir):

@@ -16,6 +16,7 @@ from lods.guidance import (
     TimestepSchedule,
     annealed_cfg,
     cfg_combine,
+    cfg_rescale,
     dds_direction,
     denoising_loss,
     detached_target_loss,
@@ -313,7 +314,7 @@ def test_infinite_cfg(prior):
     for method in ("sds-norm", "lods-embed", "lods-lora"):
         out = run_step(make_estimator(method, prior), prior, z, math.inf)
         assert torch.isfinite(out.grad).all() and out.grad.abs().sum() > 0
-    for method in ("sds", "cfg-anneal", "vsd", "dds"):
+    for method in ("sds", "cfg-anneal", "cfg-rescale", "ism", "vsd", "dds"):
         est = make_estimator(method, prior)
         if method == "dds":
             est.set_source(z, embs(prior)[0])
@@ -342,10 +343,13 @@ def test_lods_lora_null_branch_uses_lora_at_configured_scale(prior):
     torch.testing.assert_close(out.grad, w_t * sds_norm_direction(eps_c, eps_psi, noise, 20.0))
 
 
-def test_lora_update_is_gradient_of_eq10(prior):
+@pytest.mark.parametrize("scale", [0.5, 0.25])
+def test_lora_update_is_gradient_of_eq10_at_the_scale_eq9_applies(prior, scale):
+    """Eqs. 9 and 10 use one psi: the update trains it at the scale the theta step applies it at (the
+    official release's lora_weight, 0.5), not at full scale."""
     z = latents(prior)
     text, null = embs(prior)
-    est = make_estimator("lods-lora", prior, {"lr": 1e-3})
+    est = make_estimator("lods-lora", prior, {"lr": 1e-3, "lora_scale": scale})
     before = [p.detach().clone() for p in est.params]
     torch.manual_seed(9)
     est.update(z.detach(), text, null)
@@ -353,7 +357,7 @@ def test_lora_update_is_gradient_of_eq10(prior):
     t = torch.randint(0, 1000, (2,))
     noise = torch.randn(z.shape)
     params = [p.clone().requires_grad_(True) for p in before]
-    mix = prior.mix + params[0] @ params[1]
+    mix = prior.mix + scale * params[0] @ params[1]
     z_t = prior.add_noise(z.detach(), noise, t)
     ab = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
     eps = ab.sqrt() * torch.einsum("bchw,cd->bdhw", z_t, mix) + torch.tanh(null.mean(1) @ prior.proj)[:, :, None, None]
@@ -408,6 +412,28 @@ def test_merged_update_trains_alpha_on_the_theta_step_draw(prior):
     torch.testing.assert_close(est.alpha.grad, expected)
 
 
+def test_lods_lora_merged_and_separate_updates_train_psi_alike(prior):
+    """Section 3.7's merged update and the separate one train the same psi at the same scale: given the
+    same t and noise, their gradients agree."""
+    z = latents(prior)
+    text, null = embs(prior)
+    merged = make_estimator("lods-lora", prior, {"merge_update": True, "lr": 1e-3})
+    separate = make_estimator("lods-lora", prior, {"lr": 1e-3})
+    with torch.no_grad():
+        for a, b in zip(merged.params, separate.params):
+            b.copy_(a)
+    run_step(merged, prior, z, 30.0, seed=4)
+    merged.update(z.detach(), text, null)
+    torch.manual_seed(4)
+    t = separate.config.schedule.sample(0, 2, 1000, z.device)
+    noise = torch.randn(z.shape)
+    separate._noisy_uniform = lambda z_: (t, noise, prior.add_noise(z_.float(), noise, t))
+    separate.update(z.detach(), text, null)
+    for a, b in zip(merged.params, separate.params):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert any(p.grad.abs().sum() > 0 for p in merged.params)
+
+
 def test_fresh_vsd_is_lods_at_infinite_cfg_scaled(prior):
     """Section 3.6: VSD's initial state equals LODS with an infinite CFG weight (up to the factor w - 1)."""
     z = latents(prior)
@@ -449,6 +475,79 @@ def test_cfg_anneal_uses_the_annealed_weight(prior):
         b = run_step(sds, prior, z, w, step)
         assert a.stats["cfg"] == pytest.approx(w)
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_cfg_rescale_follows_lin_et_al_eqs_15_16():
+    g = torch.Generator().manual_seed(2)
+    cond = torch.randn(3, 4, 5, 5, generator=g)
+    guided = 3 * torch.randn(3, 4, 5, 5, generator=g) + 1
+    torch.testing.assert_close(cfg_rescale(guided, cond, 0.0), guided)
+    for phi in (0.5, 0.7, 1.0):
+        out = cfg_rescale(guided, cond, phi)
+        s_c, s_g, s_o = (x.flatten(1).std(1) for x in (cond, guided, out))
+        torch.testing.assert_close(s_o, phi * s_c + (1 - phi) * s_g, rtol=1e-5, atol=1e-6)  # per view
+        ratio = out.flatten(1) / guided.flatten(1)  # a positive multiple of the guided prediction, view by view
+        torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio))
+        assert (ratio > 0).all()
+
+
+def _x0(z_t, eps, ab):
+    return (z_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+
+def test_cfg_rescale_estimator_rescales_the_guided_clean_estimate(prior):
+    z = latents(prior)
+    text, null = embs(prior)
+    est = make_estimator("cfg-rescale", prior, {"rescale_phi": 0.7})
+    out = run_step(est, prior, z, 50.0, seed=3)
+    torch.manual_seed(3)
+    t = est.config.schedule.sample(0, 2, 1000, z.device)
+    noise = torch.randn(z.shape)
+    z_t = prior.add_noise(z.detach(), noise, t)
+    ab = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    eps_c = prior.predict_noise(z_t, t, text.expand(2, -1, -1))
+    eps_u = prior.predict_noise(z_t, t, null.expand(2, -1, -1))
+    x_cfg, x_c = _x0(z_t, eps_u + 50 * (eps_c - eps_u), ab), _x0(z_t, eps_c, ab)
+    x = 0.7 * x_cfg * x_c.flatten(1).std(1).view(-1, 1, 1, 1) / x_cfg.flatten(1).std(1).view(-1, 1, 1, 1) \
+        + 0.3 * x_cfg
+    eps = (z_t - ab.sqrt() * x) / (1 - ab).sqrt()
+    torch.testing.assert_close(out.grad, (1 - ab) * (eps - noise), rtol=1e-4, atol=1e-5)
+    plain = run_step(make_estimator("cfg-rescale", prior, {"rescale_phi": 0.0}), prior, z, 50.0, seed=3)
+    sds = run_step(make_estimator("sds", prior), prior, z, 50.0, seed=3)
+    torch.testing.assert_close(plain.grad, sds.grad, rtol=1e-4, atol=1e-5)  # phi = 0 is SDS
+    with pytest.raises(ValueError, match="rescale_phi"):
+        make_estimator("cfg-rescale", prior, {"rescale_phi": 1.5})
+
+
+def test_ism_matches_lucid_dreamer_interval_score(prior):
+    """x_s: the clean latents DDIM-inverted with the unconditional prediction (strides of 200) to s = t - 50;
+    x_t: one more inversion step; direction: guided prediction at x_t minus the unconditional one at x_s."""
+    z = latents(prior, n=1)
+    text, null = embs(prior)
+    est = make_estimator("ism", prior, {"schedule": {"min_frac": 0.6, "max_frac": 0.6}})
+    out = run_step(est, prior, z, 20.0, seed=5)
+    assert out.stats["t"] == 600
+    torch.manual_seed(5)
+    est.config.schedule.sample(0, 1, 1000, z.device)
+    noise = torch.randn(z.shape)
+    ab = prior.alphas_cumprod
+
+    def invert(x, a, b):  # deterministic DDIM from step a to step b with the unconditional prediction
+        eps = prior.predict_noise(x, torch.tensor([a]), null)
+        return ab[b].sqrt() * _x0(x, eps, ab[a]) + (1 - ab[b]).sqrt() * eps, eps
+
+    x = ab[0].sqrt() * z.detach() + (1 - ab[0]).sqrt() * noise
+    for a, b in ((0, 200), (200, 400), (400, 550)):
+        x, _ = invert(x, a, b)
+    x_t, eps_s = invert(x, 550, 600)
+    tt = torch.tensor([600])
+    eps_c, eps_u = prior.predict_noise(x_t, tt, text), prior.predict_noise(x_t, tt, null)
+    expected = (1 - ab[600]) * (eps_u + 20 * (eps_c - eps_u) - eps_s)
+    torch.testing.assert_close(out.grad, expected, rtol=1e-4, atol=1e-5)
+    assert out.stats["unet_forward"] == 3 + 1 + 2  # three inversion strides, the x_s prediction, the CFG pair
+    sds = run_step(make_estimator("sds", prior, {"schedule": {"min_frac": 0.6, "max_frac": 0.6}}), prior, z, 20.0,
+                   seed=5)
+    assert not torch.allclose(out.grad, sds.grad)  # not the fresh noise of SDS
 
 
 def test_dds_vanishes_on_the_source_and_matches_eq4(prior):
@@ -511,7 +610,8 @@ def test_state_dict_round_trip(prior):
 
 
 def test_factory(prior):
-    assert set(METHODS) == {"sds", "sds-ref", "sds-norm", "lods-embed", "lods-lora", "vsd", "cfg-anneal", "dds"}
+    assert set(METHODS) == {"sds", "sds-ref", "sds-norm", "lods-embed", "lods-lora", "vsd", "cfg-anneal",
+                            "cfg-rescale", "ism", "dds"}
     with pytest.raises(ValueError, match="lods-embed"):
         make_estimator("nope", prior)
     with pytest.raises(ValueError, match="unknown guidance settings"):

@@ -245,6 +245,13 @@ def test_inf_cfg_is_refused_up_front_where_it_diverges(tiny_prior):
     assert tr.knobs.cfg == 7.5 and tr.run() == "done"
 
 
+def test_cfg_anneal_reaches_its_end_weight_within_the_run(tiny_prior):
+    tr = Trainer(image_config(method="cfg-anneal", cfg=100.0, steps=4), prior=tiny_prior)
+    assert tr.estimator.config.anneal_steps == 4
+    assert tr.run() == "done"
+    assert tr.history[-1]["cfg"] < 100.0 and tr.estimator.cfg_at(100.0, 4) == tr.estimator.config.cfg_end
+
+
 def test_bench_guidance_counts_match_fig3(tiny_prior):
     from lods.bench.guidance import bench_guidance
 
