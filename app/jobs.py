@@ -37,6 +37,7 @@ ACTIVE_PHASES = ("loading", "running", "paused", "exporting")
 MAX_QUEUE = 8
 MAX_KEPT = 16  # finished runs kept for their owners at most; the oldest go first
 ABANDON_AFTER_S = 180.0  # a run whose owner has not polled for this long is stopped (its results are written)
+KEEP_FILES_S = 3600.0  # a finished run's files are deleted this long after its owner's last poll
 PriorFactory = Callable[[str, torch.device], DiffusionPrior]
 SnapshotListener = Callable[[Snapshot], None]
 TrainerListener = Callable[[Trainer], None]
@@ -122,6 +123,7 @@ class JobManager:
         self.max_queue = MAX_QUEUE
         self.max_kept = MAX_KEPT
         self.abandon_after_s = abandon_after_s
+        self.keep_files_s = KEEP_FILES_S
         self._watchdog: threading.Thread | None = None
 
     # ------------------------------------------------------------------ reading
@@ -166,6 +168,7 @@ class JobManager:
         away so frees the device."""
         now = time.monotonic() if now is None else now
         limit = self.abandon_after_s
+        self._forget_files(now)
         with self._lock:
             gone = {o for o, t in self._last_seen.items() if now - t > limit}
             self._queue = [q for q in self._queue if q[0] not in gone]
@@ -179,6 +182,22 @@ class JobManager:
             if job.trainer is not None:
                 job.trainer.message = job.message
             return job
+
+    def _forget_files(self, now: float) -> None:
+        """Delete the folders of finished runs whose owners have not polled for ``keep_files_s`` (kept runs,
+        and the last run once it has ended): nothing stays on the server for a session that has gone."""
+        with self._lock:
+            left = {o for o, t in self._last_seen.items() if now - t > self.keep_files_s}
+            old = [self._kept.pop(o) for o in list(self._kept) if o in left]
+            job = self._job
+            if job is not None and not job.active and job.owner in left and job.files:
+                job.files, job.message = [], "its files were deleted after its session left"
+                old.append(job)
+            for o in left:
+                if job is None or o != job.owner or not job.active:
+                    self._last_seen.pop(o, None)
+        for run in old:
+            _remove(run.out_dir)
 
     def _watch(self) -> None:
         while True:

@@ -816,3 +816,20 @@ def _try_client(url: str):
         return client(url)
     except Exception:
         return None
+
+
+def test_finished_runs_files_go_when_their_session_has_left(manager):
+    config = build_run_config(**{**{k: v for k, v in GOOD.items() if k != "custom_model"}, "steps": 2},
+                              overrides=OVERRIDES)
+    first = manager.start_or_queue(config, owner="a")
+    first.thread.join(30)
+    second = manager.start_or_queue(config, owner="b")  # a's run is kept for a, with its files
+    second.thread.join(30)
+    assert manager.kept("a") is first and first.out_dir.exists() and second.files
+    manager.touch("b")
+    manager.keep_files_s = 3600.0
+    manager.check_abandoned(now=time.monotonic() + 60)  # both polled within the hour: nothing goes
+    assert first.out_dir.exists() and second.out_dir.exists()
+    manager.check_abandoned(now=time.monotonic() + 7200)  # two hours without a poll: both sessions have left
+    assert manager.kept("a") is None and not first.out_dir.exists()
+    assert second.files == [] and not second.out_dir.exists()
