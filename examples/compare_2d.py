@@ -27,8 +27,10 @@ SETTINGS = [("sds", 7.5, None), ("sds", 100.0, None), ("lods-embed", 100.0, 3e-3
 
 
 def world_reference(caption: str, n: int = 64) -> dict[str, float]:
+    """The world's renders measured as the generated images are: on their non-white pixels (a generated image
+    has no object mask, so both sides use the same rule)."""
     r = render_captions([caption] * n, seed=123)
-    return metrics.color_stats(r.rgb, r.object_mask)
+    return metrics.color_stats(r.rgb, metrics.foreground_mask(r.rgb))
 
 
 def main() -> None:

@@ -41,9 +41,9 @@ _RANGES = (  # (field, lowest, highest) of the integer settings
     ("batch", 1, 64),
     ("threads", 1, 1024),
     ("resolution", 16, 4096),
-    ("log_every", 1, 1_000_000),
-    ("snapshot_every", 1, 1_000_000),
-    ("checkpoint_every", 0, 10_000_000),
+    ("log_every", 1, 10**9),
+    ("snapshot_every", 1, 10**9),  # more than the steps: only at the end
+    ("checkpoint_every", 0, 10**9),
     ("preview_views", 1, 16),
 )
 BACKBONES = tuple(SCENES)  # gs, nerf, image
