@@ -66,6 +66,11 @@ class Cameras:
     def __len__(self) -> int:
         return self.c2w.shape[0]
 
+    def __getitem__(self, index: slice | torch.Tensor) -> Cameras:
+        """The cameras at ``index`` (a slice or an index tensor)."""
+        return Cameras(self.c2w[index], self.fovy[index], self.azimuth[index], self.elevation[index],
+                       self.distance[index], self.width, self.height)
+
     def to(self, device: torch.device | str) -> Cameras:
         return Cameras(
             self.c2w.to(device),
