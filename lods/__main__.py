@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     tj.add_argument("--captions-per-category", type=_int_in(1, 100_000), default=48)
     tj.add_argument("--cfg", type=_finite_float, default=5.0)
     tj.add_argument("--steps", type=_int_in(1, 1000), default=50)
+    tj.add_argument("--fresh", action="store_true",
+                    help="sample captions never used to choose between priors (and other noise)")
     tj.add_argument("--out", default=None, help="write the report as JSON here")
     return parser
 

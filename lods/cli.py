@@ -192,11 +192,22 @@ def _judge(args: argparse.Namespace) -> int:
         "multi": all_captions("multi", held_out=False),
         "held_out": all_captions("single", held_out=True) + all_captions("surroundings", held_out=True)[:6],
     }
-    report["samples"] = {"cfg": args.cfg, "steps": args.steps}
+    report["samples"] = {"cfg": args.cfg, "steps": args.steps, "fresh": bool(args.fresh)}
+    # The captions every earlier choice between priors was judged on: 48 per group, drawn in this order.
+    used = {name: rng.sample(caps, min(48, len(caps))) for name, caps in groups.items()}
+    fresh_rng = random.Random(1)
     for name, caps in groups.items():
-        caps = rng.sample(caps, min(args.captions_per_category, len(caps)))
+        if args.fresh:  # captions never used for a choice, and other noise
+            pool = [c for c in caps if c not in set(used[name])]
+            if not pool:
+                report["samples"][name] = {"accuracy": None, "n": 0, "note": "every caption was used before"}
+                print(f"samples judged right, {name}: no fresh caption (all {len(caps)} were used before)")
+                continue
+            caps = fresh_rng.sample(pool, min(args.captions_per_category, len(pool)))
+        else:
+            caps = used[name][: args.captions_per_category]
         prompts = [c for c in caps for _ in range(args.samples_per_caption)]
-        images = sample(pipe, prompts, seed=1, steps=args.steps, cfg=args.cfg)
+        images = sample(pipe, prompts, seed=2 if args.fresh else 1, steps=args.steps, cfg=args.cfg)
         right = J.judge_images(judge, images, prompts)["objects_right"]
         report["samples"][name] = {"accuracy": float(right.float().mean()), "n": len(prompts)}
         print(f"samples judged right, {name}: {float(right.float().mean()):.3f} of {len(prompts)}")
