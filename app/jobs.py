@@ -156,10 +156,11 @@ class JobManager:
         with self._lock:
             self._reset_listeners.append(listener)
 
-    def touch(self, owner: str) -> None:
-        """``owner``'s page is still there (its poll); a run whose owner stops polling is stopped."""
+    def touch(self, owner: str, now: float | None = None) -> None:
+        """``owner``'s page is still there (its poll, at ``now``: ``time.monotonic()``); a run whose owner stops
+        polling is stopped."""
         with self._lock:
-            self._last_seen[owner] = time.monotonic()
+            self._last_seen[owner] = time.monotonic() if now is None else now
 
     def check_abandoned(self, now: float | None = None) -> Job | None:
         """Stop the active job (writing its results and checkpoint) when its owner has not polled for

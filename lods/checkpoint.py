@@ -52,14 +52,15 @@ def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint")
 
 
-def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor] | None) -> Any:
+    """The tree :func:`_flatten` made; with ``tensors`` None, every tensor and array is None (not read)."""
     if isinstance(obj, list):
         return [_unflatten(v, tensors) for v in obj]
     if isinstance(obj, dict):
         if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
+            return None if tensors is None else tensors[obj["__tensor__"]]
         if "__ndarray__" in obj:
-            return tensors[obj["__ndarray__"]].numpy()
+            return None if tensors is None else tensors[obj["__ndarray__"]].numpy()
         if "__tuple__" in obj:
             return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
         if "__dict__" in obj:
@@ -82,8 +83,9 @@ def save(path: str | Path, state: dict[str, Any], keep_previous: bool = True) ->
     return path
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save`; a ``UserError`` for anything else."""
+def load(path: str | Path, tensors: bool = True) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save`; a ``UserError`` for anything else. ``tensors=False`` reads
+    only the JSON part (the config, step, history), every tensor None: cheap, for a resume's settings."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -99,8 +101,8 @@ def load(path: str | Path) -> dict[str, Any]:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT or _KEY not in meta:
                 raise UserError(f"{path} is not a LODS Studio checkpoint")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
-        state = _unflatten(json.loads(meta[_KEY]), tensors)
+            read = {k: f.get_tensor(k) for k in f.keys()} if tensors else None  # noqa: SIM118
+        state = _unflatten(json.loads(meta[_KEY]), read)
     except UserError:
         raise
     except Exception as err:  # safetensors raises its own error types for a truncated or foreign file

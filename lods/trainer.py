@@ -167,9 +167,6 @@ class Trainer:
     def emit(self, kind: str, **fields: Any) -> None:
         """Send an event to every subscriber (the trainer's own; a driver that trains it elsewhere, in GPU
         slices, announces the steps it brought back)."""
-        self._emit(kind, **fields)
-
-    def _emit(self, kind: str, **fields: Any) -> None:
         with self.lock:
             handlers = list(self._subscribers)
         if handlers:
@@ -192,7 +189,7 @@ class Trainer:
             self.knobs = new
         if new.paused != old.paused:
             (self._resume_event.clear if new.paused else self._resume_event.set)()
-            self._emit("state", status="paused" if new.paused else self.status)
+            self.emit("state", status="paused" if new.paused else self.status)
         if new.stop:
             self._resume_event.set()
         return new
@@ -311,7 +308,7 @@ class Trainer:
         """Enter the running state (``run`` does this; a caller stepping with ``advance`` does it once)."""
         self.status = "running"
         self._t_last, self._rate_step = time.perf_counter(), self.step
-        self._emit("state", status=self.status)
+        self.emit("state", status=self.status)
 
     def advance(self) -> bool:
         """At most one training step with its bookkeeping (guard, history, events, snapshot, checkpoint).
@@ -359,7 +356,7 @@ class Trainer:
         stats["it_per_s"] = self._rate
         if self.step % self.config.log_every == 0 or self.step == self.config.steps:
             self.history.append(stats)
-        self._emit("step", stats=stats)
+        self.emit("step", stats=stats)
         if self.step % self.config.snapshot_every == 0 or self.step == self.config.steps:
             self.publish()
         if self.out_dir and self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
@@ -375,7 +372,7 @@ class Trainer:
         if self.status != "diverged" and self.out_dir:
             self.save_checkpoint(self.out_dir)
         self.publish()
-        self._emit("state", status=self.status)
+        self.emit("state", status=self.status)
         return self.status
 
     def close(self) -> None:
@@ -414,7 +411,7 @@ class Trainer:
                     knob_changes=list(self.knob_changes), gaussians=gauss, it_per_s=self._rate,
                     status=self.status, message=self.message,
                 )
-        self._emit("snapshot", snapshot=snap)
+        self.emit("snapshot", snapshot=snap)
         return snap
 
     # ------------------------------------------------------------------ checkpoints and what ran

@@ -714,16 +714,18 @@ def test_an_abandoned_run_is_stopped_with_its_results_and_frees_the_device(prior
         assert jobs.start_or_queue(config, owner="gone-too") == 1
         assert jobs.start_or_queue(config, owner="waiting") == 2
         wait_for(lambda: job.trainer is not None and job.trainer.step > 0)
-        time.sleep(0.5)
-        jobs.touch("waiting")  # this session still polls; the other two do not
-        jobs.abandon_after_s = 0.4
-        assert jobs.check_abandoned() is job
+        t0 = time.monotonic()
+        for owner in ("api-client", "gone-too"):
+            jobs.touch(owner, now=t0)  # their last polls
+        jobs.touch("waiting", now=t0 + 100)  # this session still polls; the other two do not
+        jobs.abandon_after_s = 60
+        assert jobs.check_abandoned(now=t0 + 100) is job
         job.thread.join(20)
         assert job.phase == "stopped" and "stopped polling" in job.message
         assert {p.name for p in job.files} >= {"image.png", "summary.json", "checkpoint.safetensors"}
         nxt = wait_for(lambda: (j := jobs.current()) is not job and j)
         assert nxt.owner == "waiting"  # the silent queued session lost its place, the polling one started
-        assert jobs.check_abandoned() is None  # its owner polled within the limit
+        assert jobs.check_abandoned(now=t0 + 100) is None  # its owner polled within the limit
     finally:
         jobs.shutdown()
     watched = JobManager(prior_factory=prior_factory, join_timeout=20, abandon_after_s=0.3)  # the watchdog thread

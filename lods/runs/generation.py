@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -75,7 +74,7 @@ def with_preset(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def checkpoint_config(path: str | Path) -> dict[str, Any]:
     """The config a checkpoint (a file, or a run folder's latest) ran with, as plain values."""
-    return copy.deepcopy(checkpoint.load(path)["config"])
+    return checkpoint.load(path, tensors=False)["config"]
 
 
 def load_image(path: str | Path, size: int) -> torch.Tensor:
