@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -235,16 +235,16 @@ def read_views(path: str | Path, pad: int = 2) -> np.ndarray:
     return np.stack([grid[pad : pad + h, pad + i * (h + pad) : pad + i * (h + pad) + h] for i in range(n)])
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: int = 24) -> Path:
-    """(N, H, W, 3) uint8 frames as H.264 ``.mp4`` (sizes padded to even numbers)."""
+def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: int = 24) -> Path:
+    """(H, W, 3) uint8 frames (an (N, H, W, 3) array or any iterable of frames, consumed one at a time) as
+    H.264 ``.mp4`` (sizes padded to even numbers)."""
     import imageio.v2 as imageio
 
-    h, w = frames.shape[1:3]
-    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
     with atomic_path(path) as tmp:
         with imageio.get_writer(str(tmp), fps=fps, codec="libx264", quality=8, macro_block_size=1) as writer:
             for f in frames:
-                writer.append_data(f)
+                h, w = f.shape[:2]
+                writer.append_data(np.pad(f, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge"))
     return Path(path)
 
 

@@ -276,6 +276,8 @@ class Estimator:
     edit_only = False  # True for methods that need a source image and caption (``python -m lods edit``)
     learns_null_condition = False  # True where the learned parameters replace the null condition (LODS): when
     # editing, that condition starts at the source caption (section 3.5)
+    update_in_background = False  # True where ``update`` may run beside the next step's render in another thread:
+    # it changes no state of the shared prior (no adapter switched on or off), only its own parameters
 
     def __init__(self, prior: DiffusionPrior, config: GuidanceConfig | None = None):
         self.prior = prior
@@ -475,6 +477,12 @@ class _Learner(Estimator):
         super().__init__(prior, config)
         self.params: list[nn.Parameter] = []
         self._pending: torch.Tensor | None = None
+        # The update's own random stream (t, noise, camera dropout): the same draws whichever thread runs it.
+        self.generator: torch.Generator | None = None
+
+    def seed(self, seed: int) -> None:
+        """Give ``update`` its own random stream, seeded (the trainer does; without it, torch's global one)."""
+        self.generator = torch.Generator(self.prior.device).manual_seed(seed)
 
     def _attach(self, params: list[nn.Parameter]) -> None:
         self.params = params
@@ -497,8 +505,8 @@ class _Learner(Estimator):
 
     def _noisy_uniform(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """t uniform in [0, T), fresh noise, and z_t from detached latents: the diffusion training objective."""
-        t = torch.randint(0, self.prior.num_train_timesteps, (z.shape[0],), device=z.device)
-        noise = torch.randn(z.shape, device=z.device, dtype=torch.float32)
+        t = torch.randint(0, self.prior.num_train_timesteps, (z.shape[0],), device=z.device, generator=self.generator)
+        noise = torch.randn(z.shape, device=z.device, dtype=torch.float32, generator=self.generator)
         return t, noise, self.prior.add_noise(z.detach().float(), noise, t)
 
     def _learn(self, loss: torch.Tensor, n_items: int) -> float:
@@ -521,11 +529,14 @@ class _Learner(Estimator):
             self._set_trainable(False)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "params": [p.detach().cpu().clone() for p in self.params],
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "lr": self.lr,
         }
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["params"]) != len(self.params):
@@ -535,6 +546,8 @@ class _Learner(Estimator):
                 p.copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
         self.set_lr(state["lr"])
+        if self.generator is not None and state.get("generator") is not None:
+            self.generator.set_state(state["generator"])
 
 
 class LodsEmbed(_Learner):
@@ -550,6 +563,7 @@ class LodsEmbed(_Learner):
     label = "LODS-embed"
     learns = "the null embedding alpha"
     learns_null_condition = True
+    update_in_background = True  # Eq. 8 moves alpha only; the UNet is frozen and shared as it is
 
     def __init__(self, prior: DiffusionPrior, config: GuidanceConfig | None = None):
         super().__init__(prior, config)
@@ -691,7 +705,7 @@ class Vsd(_Learner):
         self._forward = self._backward = 0
         t, noise, z_t = self._noisy_uniform(z)
         labels = _camera_labels(cameras, n, z.device)
-        keep = (torch.rand(n, 1, device=z.device) >= self.config.camera_dropout).float()
+        keep = (torch.rand(n, 1, device=z.device, generator=self.generator) >= self.config.camera_dropout).float()
         self._set_trainable(True)
         try:
             with self.prior.lora_scale(self.adapter, 1.0), torch.enable_grad():

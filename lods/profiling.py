@@ -6,6 +6,7 @@ timed by hooks on the UNet module wherever they happen (the theta step and the l
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -23,8 +24,25 @@ class PhaseTimer:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self._hooks: list = []
-        self._unet_start: list[float] = []
-        self._stack: list[str] = []
+        self._local = threading.local()  # per thread: the learned update may run in a thread of its own
+        self._add_lock = threading.Lock()
+
+    @property
+    def _stack(self) -> list[str]:
+        """The phases open in the calling thread, innermost last."""
+        if not hasattr(self._local, "stack"):
+            self._local.stack, self._local.unet_start = [], []
+        return self._local.stack
+
+    @property
+    def _unet_start(self) -> list[float]:
+        self._stack  # noqa: B018 (creates the thread's lists)
+        return self._local.unet_start
+
+    def _add(self, name: str, seconds: float) -> None:
+        with self._add_lock:
+            self.seconds[name] += seconds
+            self.calls[name] += 1
 
     def _sync(self) -> None:
         if self.cuda:
@@ -43,8 +61,7 @@ class PhaseTimer:
         finally:
             self._stack.pop()
             self._sync()
-            self.seconds[name] += time.perf_counter() - t0
-            self.calls[name] += 1
+            self._add(name, time.perf_counter() - t0)
 
     def watch_unet(self, unet: torch.nn.Module) -> None:
         """Time every forward of ``unet`` as ``unet_forward`` (nested inside other phases), and per calling
@@ -59,10 +76,9 @@ class PhaseTimer:
             if self.enabled and self._unet_start:
                 self._sync()
                 dt = time.perf_counter() - self._unet_start.pop()
-                self.seconds["unet_forward"] += dt
-                self.calls["unet_forward"] += 1
+                self._add("unet_forward", dt)
                 if self._stack:  # which phase asked for it (the theta step or the learned update)
-                    self.seconds[f"unet_forward_in_{self._stack[-1]}"] += dt
+                    self._add(f"unet_forward_in_{self._stack[-1]}", dt)
 
         self._hooks += [unet.register_forward_pre_hook(pre), unet.register_forward_hook(post)]
 

@@ -26,6 +26,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,14 @@ class Trainer:
                     self.null_emb = source_emb
         self.preview_cameras = turntable(config.preview_views, self.resolution)
         self.timer = PhaseTimer(enabled=False, device=self.device)  # enabled by `bench speed`
+        if hasattr(self.estimator, "seed"):
+            self.estimator.seed(config.seed + 1)
+        background = config.background_update if config.background_update is not None else self.device.type == "cpu"
+        self._lane = (ThreadPoolExecutor(1, thread_name_prefix="lods-update")
+                      if background and self.estimator.update_in_background else None)
+        self._update: Future | None = None  # the learned update in flight in the lane
+        self._update_stats: dict[str, float] | None = None  # the stats of the step that submitted it
+        self._update_lock = threading.Lock()
         self.checkpoint_step: int | None = None  # step of the last checkpoint written or loaded
         self.trains_on: str | None = None  # where the steps run when not here (lods.zerogpu's GPU slices)
         self._t_last = time.perf_counter()
@@ -224,7 +233,28 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = self.base_lrs.get(g["name"], g["lr"]) * knobs.lr_scale
         if knobs.learned_lr is not None:
+            if knobs.learned_lr != self.estimator.lr:
+                self.join_update()  # the update in flight keeps the rate it started with
             self.estimator.set_lr(knobs.learned_lr)
+
+    def _run_update(self, z: torch.Tensor, text_emb: torch.Tensor, cams: Cameras) -> dict[str, float]:
+        with self.timer.phase("learned_update"):
+            return self.estimator.update(z, text_emb, self.null_emb, cams) or {}
+
+    @staticmethod
+    def _update_fields(update: dict[str, float]) -> dict[str, float]:
+        return {f"update_{k}" if not k.startswith("update") else k: v for k, v in update.items()}
+
+    def join_update(self) -> None:
+        """Wait for the learned update running in the lane, if any, and add its numbers to the stats of the step
+        that started it. Every reader of the learned parameters calls this first (the next step's guidance, a
+        checkpoint, a change of their rate, the end of the run)."""
+        with self._update_lock:
+            future, stats = self._update, self._update_stats
+            self._update = self._update_stats = None
+            if future is not None:
+                stats.update(self._update_fields(future.result()))
+                stats.update(self.estimator.statistics())
 
     def background(self, n: int) -> torch.Tensor | None:
         """Backgrounds of ``n`` views as ``config.background`` says (None: the scene's own)."""
@@ -242,8 +272,17 @@ class Trainer:
         cams = sample_cameras(self.config.batch, self.resolution, ranges=self.config.camera, generator=self.camera_gen)
         text_emb = self.text_embeddings(cams)
         z, out = self.scene.latents(self.prior, cams.to(self.device), self.background(len(cams)), self.timer)
+        self.join_update()  # the guidance reads alpha as the previous step's update left it
         with self.timer.phase("guidance"):
             g = self.estimator.step(z, text_emb, self.null_emb, knobs.cfg, self.step, cams)
+        stats: dict[str, float] = {}
+        if self._lane is not None:
+            # Line 6 in the lane, beside this step's backward and the next step's render; its numbers join these
+            # stats when it ends (join_update).
+            with self._update_lock:
+                # a copy: z may be the scene's own parameter (2D latents), which the optimizer changes in place
+                self._update = self._lane.submit(self._run_update, z.detach().clone(), text_emb, cams)
+                self._update_stats = stats
         self.optimizer.zero_grad(set_to_none=True)
         with self.timer.phase("backward"):
             g.loss.backward()
@@ -257,16 +296,18 @@ class Trainer:
         )
         with self.timer.phase("optimizer"):
             self.optimizer.step()
-        with self.timer.phase("learned_update"):
-            update = self.estimator.update(z.detach(), text_emb, self.null_emb, cams) or {}
+        update: dict[str, float] = {}
+        if self._lane is None:
+            update = self._run_update(z.detach(), text_emb, cams)
         with self.timer.phase("densify"):
             dens = self.scene.post_step(self.step, out, self.optimizer)
         if any(g["name"] not in self.base_lrs for g in self.optimizer.param_groups):
             self.base_lrs.update({g["name"]: g["lr"] for g in self.optimizer.param_groups})
-        stats = {"step": self.step, "loss": float(g.loss.detach()), "scene_grad_norm": scene_grad, **g.stats}
-        stats.update({f"update_{k}" if not k.startswith("update") else k: v for k, v in update.items()})
+        stats.update({"step": self.step, "loss": float(g.loss.detach()), "scene_grad_norm": scene_grad, **g.stats})
+        stats.update(self._update_fields(update))
         stats.update({f"scene_{k}": float(v) for k, v in dens.items()})
-        stats.update(self.estimator.statistics())
+        if self._lane is None:
+            stats.update(self.estimator.statistics())
         stats.setdefault("cfg", knobs.cfg)  # the estimator's effective weight (annealed, 1 for sds-ref, ...)
         stats["cfg_knob"] = knobs.cfg
         stats["lr_scale"] = knobs.lr_scale
@@ -282,6 +323,9 @@ class Trainer:
         for p in self.scene.parameters():
             if not torch.isfinite(p).all():
                 return f"diverged at step {self.step}: the scene's parameters became NaN or infinite"
+        for p in getattr(self.estimator, "params", []):
+            if not torch.isfinite(p).all():
+                return f"diverged at step {self.step}: the learned {self.estimator.learns} became NaN or infinite"
         blown = self.scene.health()
         if blown:
             return f"diverged at step {self.step}: {blown}"
@@ -330,6 +374,9 @@ class Trainer:
         try:
             with self.scene_lock:
                 stats = self.train_step()
+            every = self.config.checkpoint_every
+            if (self.out_dir and every and self.step % every == 0) or self.step >= self.config.steps:
+                self.join_update()  # what is guarded and saved includes this step's learned update
         except torch.cuda.OutOfMemoryError as err:
             self.status = "failed"
             self.message = (
@@ -367,6 +414,7 @@ class Trainer:
 
     def finish(self) -> str:
         """Final checkpoint (not after a divergence: the last good one stays) and snapshot; returns the status."""
+        self.join_update()
         if self.status == "running":
             self.status = "stopped"
         if self.status != "diverged" and self.out_dir:
@@ -377,6 +425,11 @@ class Trainer:
 
     def close(self) -> None:
         """Detach what the estimator attached to the prior (LoRA adapters), so that the prior can be reused."""
+        if self._lane is not None:
+            try:
+                self.join_update()
+            finally:
+                self._lane.shutdown()
         self.estimator.close()
 
     # ------------------------------------------------------------------ snapshots
@@ -432,6 +485,7 @@ class Trainer:
 
     def state(self) -> dict[str, Any]:
         """Everything the next step depends on (loaded by :meth:`load_checkpoint`)."""
+        self.join_update()
         with self.lock:
             knobs = {k: getattr(self.knobs, k) for k in LIVE_KNOBS}
             knob_changes = list(self.knob_changes)
@@ -472,6 +526,7 @@ class Trainer:
         """:meth:`load_checkpoint` from a :meth:`state` dictionary already in memory (a GPU slice's result)."""
         saved = RunConfig.from_dict(ck["config"])
         check_resumable(saved, self.config)
+        self.join_update()
         try:
             load_scene_state(self.scene, ck["scene"], self.device)
             self.optimizer = torch.optim.Adam(self.scene.param_groups(self.config.lr), eps=1e-15)

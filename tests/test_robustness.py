@@ -418,3 +418,39 @@ def test_a_full_disk_is_one_line(tiny_sd_dir, tmp_path, capsys, monkeypatch):
 def test_user_error_type_for_config_from_a_list():
     with pytest.raises(UserError, match="mapping"):
         RunConfig.from_dict([1, 2])
+
+
+@pytest.mark.parametrize("backbone", ["gs", "image"])
+def test_the_learned_update_in_its_own_thread_gives_the_same_numbers(tiny_prior, backbone):
+    """LODS-embed's update (Algorithm 1, line 6) runs in a lane beside the next step's render on CPU; the run is
+    bit-identical to one that runs it in line, every logged update included."""
+    runs = {}
+    for lane in (False, True):
+        trainer = Trainer(config(backbone, "lods-embed", 6, background_update=lane), prior=tiny_prior)
+        assert (trainer._lane is not None) == lane
+        trainer.run()
+        trainer.close()
+        runs[lane] = trainer
+    inline, lane = runs[False], runs[True]
+    assert torch.equal(inline.estimator.alpha, lane.estimator.alpha)
+    assert not torch.equal(lane.estimator.alpha, lane.estimator.alpha_init)  # it learned
+    for a, b in zip(inline.scene.parameters(), lane.scene.parameters()):
+        assert torch.equal(a, b)
+    keys = ("loss", "update_loss", "alpha_drift", "embedding_distance")
+    assert [[h[k] for k in keys] for h in inline.history] == [[h[k] for k in keys] for h in lane.history]
+
+
+def test_a_run_with_learned_lora_never_shares_the_unet_with_a_lane(tiny_prior):
+    from lods.runs.compare import Comparison
+
+    configs = [config("image", "lods-embed", 2), config("image", "lods-lora", 2)]
+    comparison = Comparison(configs, tiny_prior)
+    try:
+        assert all(t._lane is None for t in comparison.trainers)
+    finally:
+        comparison.close()
+    comparison = Comparison([config("image", "lods-embed", 2), config("image", "sds", 2)], tiny_prior)
+    try:
+        assert comparison.trainers[0]._lane is not None
+    finally:
+        comparison.close()

@@ -16,6 +16,7 @@ from typing import Any
 
 from lods.config import RunConfig, cfg_label
 from lods.errors import UserError
+from lods.guidance import METHODS
 from lods.priors.base import DiffusionPrior
 from lods.trainer import Snapshot, Trainer
 
@@ -64,6 +65,9 @@ class Comparison:
                  on_snapshot: Callable[[int, Snapshot], None] | None = None) -> None:
         if not MIN_RUNS <= len(configs) <= MAX_RUNS:
             raise UserError(f"a comparison runs {MIN_RUNS} to {MAX_RUNS} configurations, not {len(configs)}")
+        # A learned update in a lane of its own must not meet another run's adapter switches on the shared UNet.
+        if any(METHODS[c.method].learns and not METHODS[c.method].update_in_background for c in configs):
+            configs = [replace(c, background_update=False) for c in configs]
         self.configs = configs
         self.trainers: list[Trainer] = []
         try:

@@ -17,6 +17,8 @@ import torch
 
 from lods.cameras import CameraRange, Cameras, turntable
 
+VIDEO_CHUNK = 8  # turntable frames rendered at once
+
 
 @dataclass
 class RenderOutput:
@@ -103,8 +105,15 @@ class Scene(torch.nn.Module):
         export.write_png(out / "views.png", export.image_grid(rgb, cols=views))
         files["views"] = "views.png"
         if video_frames:
-            frames = self.previews(prior, turntable(video_frames, size * 2), background(video_frames))
-            export.write_video(out / "turntable.mp4", export.to_uint8_frames(frames.rgb.float().cpu()), fps=24)
+            cameras, backgrounds = turntable(video_frames, size * 2), background(video_frames)
+
+            def frames():  # a few frames at a time: a renderer's memory grows with the views it draws at once
+                for i in range(0, video_frames, VIDEO_CHUNK):
+                    part = slice(i, i + VIDEO_CHUNK)
+                    rgb = self.previews(prior, cameras[part], None if backgrounds is None else backgrounds[part]).rgb
+                    yield from export.to_uint8_frames(rgb.float().cpu())
+
+            export.write_video(out / "turntable.mp4", frames(), fps=24)
             files["video"] = "turntable.mp4"
         files.update(self.export_geometry(out, size, camera or CameraRange()))
         return files, self.preview_metrics(grid), rgb
