@@ -105,6 +105,8 @@ def generate(config: RunConfig | dict[str, Any], out: str | Path, resume: str | 
     config = config if isinstance(config, RunConfig) else RunConfig.from_dict(with_preset(dict(config)))
     config.validate()
     out = prepare_out(out)
+    if progress and prior is None:
+        print(f"loading the prior '{config.prior}' ...", flush=True)
     trainer = Trainer(config, prior=prior, out_dir=out)
     if resume is not None:
         trainer.load_checkpoint(resume)
@@ -152,9 +154,22 @@ def run_and_export(trainer: Trainer, out: Path, show_progress: bool = True, vide
     if status == "diverged":  # nothing written: the folder's previous results and checkpoints stay as they were
         raise UserError(trainer.message)
     seconds = time.perf_counter() - t0
-    summary, _ = write_run_folder(trainer, out, status, seconds=seconds, start_step=start_step, video=video)
     if show_progress:
-        print(f"{status}: {trainer.step} steps in {seconds:.1f} s; results in {out}")
+        print(f"{status}: {trainer.step} steps in {seconds:.1f} s; writing the results to {out} ...", flush=True)
+    t_export = time.perf_counter()
+    summary, files = write_run_folder(trainer, out, status, seconds=seconds, start_step=start_step, video=video)
+    if show_progress:
+        for path in files:
+            print(f"  {path.name:28s} {_size(path.stat().st_size):>9s}")
+        print(f"results written in {time.perf_counter() - t_export:.1f} s")
     return summary
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1024 or unit == "MB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} MB"
 
 

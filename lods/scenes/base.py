@@ -18,6 +18,7 @@ import torch
 from lods.cameras import CameraRange, Cameras, turntable
 
 VIDEO_CHUNK = 8  # turntable frames rendered at once
+PREVIEW_CHUNK = 2  # display views rendered at once (a renderer's memory grows with the views it draws)
 
 
 @dataclass
@@ -76,7 +77,14 @@ class Scene(torch.nn.Module):
         self.eval()
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                return self.render(cameras.to(device), background)
+                cameras = cameras.to(device)
+                if len(cameras) <= PREVIEW_CHUNK:
+                    return self.render(cameras, background)
+                per_view = background is not None and background.dim() == 2 and len(background) == len(cameras)
+                parts = [self.render(cameras[i:i + PREVIEW_CHUNK],
+                                     background[i:i + PREVIEW_CHUNK] if per_view else background)
+                         for i in range(0, len(cameras), PREVIEW_CHUNK)]
+                return RenderOutput(*(torch.cat([getattr(o, k) for o in parts]) for k in ("rgb", "alpha", "depth")))
         finally:
             self.train(was_training)
 
