@@ -69,9 +69,10 @@ class RunConfig:
     seed: int = 0
     device: str | None = None  # None: cuda when available, else cpu
     threads: int | None = None  # CPU threads for torch; None: the prior's choice (1 for the toy prior)
-    # Run the learned update (Algorithm 1, line 6) in a second thread, beside the next step's render and
-    # encode, where the estimator allows it (LODS-embed); the same numbers either way. None: on CPU only.
-    background_update: bool | None = None
+    # A second CPU thread: it runs half of each CFG pair and, where the estimator allows it (LODS-embed), the
+    # learned update (Algorithm 1, line 6) beside the next step's render; the same numbers either way.
+    # None: on the CPU, not on a GPU.
+    second_thread: bool | None = None
     batch: int = 4  # views per step
     resolution: int | None = None  # render size; None: the prior's native size
     lr: dict[str, float] = field(default_factory=dict)  # scene learning rates by group name (empty: defaults)

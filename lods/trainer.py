@@ -39,7 +39,7 @@ from lods.cameras import Cameras, sample_cameras, turntable, view_suffix
 from lods.config import LIVE_KNOBS, Knobs, RunConfig, check_resumable
 from lods.errors import UserError
 from lods.export import atomic_path
-from lods.guidance import make_estimator
+from lods.guidance import LANE_NAME, make_estimator
 from lods.priors.base import DiffusionPrior
 from lods.profiling import PhaseTimer
 from lods.scenes.base import RenderOutput, Scene
@@ -154,9 +154,10 @@ class Trainer:
         self.timer = PhaseTimer(enabled=False, device=self.device)  # enabled by `bench speed`
         if hasattr(self.estimator, "seed"):
             self.estimator.seed(config.seed + 1)
-        background = config.background_update if config.background_update is not None else self.device.type == "cpu"
-        self._lane = (ThreadPoolExecutor(1, thread_name_prefix="lods-update")
-                      if background and self.estimator.update_in_background else None)
+        lane = config.second_thread if config.second_thread is not None else self.device.type == "cpu"
+        self._lane = ThreadPoolExecutor(1, thread_name_prefix=LANE_NAME) if lane else None
+        self.estimator.lane = self._lane
+        self._background_update = lane and self.estimator.update_in_background
         self._update: Future | None = None  # the learned update in flight in the lane
         self._update_stats: dict[str, float] | None = None  # the stats of the step that submitted it
         self._update_lock = threading.Lock()
@@ -276,7 +277,7 @@ class Trainer:
         with self.timer.phase("guidance"):
             g = self.estimator.step(z, text_emb, self.null_emb, knobs.cfg, self.step, cams)
         stats: dict[str, float] = {}
-        if self._lane is not None:
+        if self._background_update:
             # Line 6 in the lane, beside this step's backward and the next step's render; its numbers join these
             # stats when it ends (join_update).
             with self._update_lock:
@@ -297,7 +298,7 @@ class Trainer:
         with self.timer.phase("optimizer"):
             self.optimizer.step()
         update: dict[str, float] = {}
-        if self._lane is None:
+        if not self._background_update:
             update = self._run_update(z.detach(), text_emb, cams)
         with self.timer.phase("densify"):
             dens = self.scene.post_step(self.step, out, self.optimizer)
@@ -306,7 +307,7 @@ class Trainer:
         stats.update({"step": self.step, "loss": float(g.loss.detach()), "scene_grad_norm": scene_grad, **g.stats})
         stats.update(self._update_fields(update))
         stats.update({f"scene_{k}": float(v) for k, v in dens.items()})
-        if self._lane is None:
+        if not self._background_update:
             stats.update(self.estimator.statistics())
         stats.setdefault("cfg", knobs.cfg)  # the estimator's effective weight (annealed, 1 for sds-ref, ...)
         stats["cfg_knob"] = knobs.cfg

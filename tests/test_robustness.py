@@ -426,8 +426,8 @@ def test_the_learned_update_in_its_own_thread_gives_the_same_numbers(tiny_prior,
     bit-identical to one that runs it in line, every logged update included."""
     runs = {}
     for lane in (False, True):
-        trainer = Trainer(config(backbone, "lods-embed", 6, background_update=lane), prior=tiny_prior)
-        assert (trainer._lane is not None) == lane
+        trainer = Trainer(config(backbone, "lods-embed", 6, second_thread=lane), prior=tiny_prior)
+        assert (trainer._lane is not None) == lane == trainer._background_update
         trainer.run()
         trainer.close()
         runs[lane] = trainer

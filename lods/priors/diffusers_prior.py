@@ -16,6 +16,7 @@ one-line :class:`~lods.priors.base.PriorError` that says what is missing and how
 from __future__ import annotations
 
 import re
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -183,7 +184,7 @@ class DiffusersPrior:
         self._lora_names: list[str] = []
         self._adapter: tuple[str, float] | None = None
         self.camera_embeddings = nn.ModuleDict()
-        self._class_labels: torch.Tensor | None = None
+        self._call = threading.local()  # per calling thread: the camera labels of the UNet call under way
         self._camera_hook = None
 
     # ------------------------------------------------------------------ loading
@@ -281,11 +282,11 @@ class DiffusersPrior:
     ) -> torch.Tensor:
         """epsilon(z_t; y, t) in float32, one UNet call; ``class_labels`` (B, 16) feed a camera-conditioned adapter."""
         t = t.to(self.device).long().expand(z_t.shape[0]) if t.dim() == 0 else t.to(self.device).long()
-        self._class_labels = class_labels
+        self._call.class_labels = class_labels
         try:
             out = self.unet(z_t.to(self.dtype), t, encoder_hidden_states=text_emb.to(self.dtype)).sample.float()
         finally:
-            self._class_labels = None
+            self._call.class_labels = None
         if self.v_prediction:
             ab = self._alphas_cumprod[t].view(-1, 1, 1, 1)
             out = ab.sqrt() * out + (1 - ab).sqrt() * z_t.float()
@@ -336,10 +337,11 @@ class DiffusersPrior:
             del self.camera_embeddings[name]
 
     def _add_camera_embedding(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        if self._class_labels is None or self._adapter is None or self._adapter[0] not in self.camera_embeddings:
+        labels = getattr(self._call, "class_labels", None)
+        if labels is None or self._adapter is None or self._adapter[0] not in self.camera_embeddings:
             return output
         name, scale = self._adapter
-        cam = self.camera_embeddings[name](self._class_labels.to(self.device, torch.float32).reshape(-1, 16))
+        cam = self.camera_embeddings[name](labels.to(self.device, torch.float32).reshape(-1, 16))
         return output + (scale * cam).to(output.dtype)
 
     def _set_adapter(self, state: tuple[str, float] | None) -> None:

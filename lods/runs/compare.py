@@ -67,7 +67,7 @@ class Comparison:
             raise UserError(f"a comparison runs {MIN_RUNS} to {MAX_RUNS} configurations, not {len(configs)}")
         # A learned update in a lane of its own must not meet another run's adapter switches on the shared UNet.
         if any(METHODS[c.method].learns and not METHODS[c.method].update_in_background for c in configs):
-            configs = [replace(c, background_update=False) for c in configs]
+            configs = [replace(c, second_thread=False) for c in configs]
         self.configs = configs
         self.trainers: list[Trainer] = []
         try:
