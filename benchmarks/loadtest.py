@@ -28,6 +28,10 @@ import time
 import uuid
 from typing import Any
 
+import torch
+
+from lods.bench.speed import PeakMemory
+
 STEP = re.compile(r"step (\d+) /")
 
 GOOD_RUN = dict(prompt="a red cube", negative_prompt="", prior="toy", custom_model="", backbone="gs",
@@ -177,6 +181,7 @@ def run_load_test(
     from app.jobs import JobManager
     from app.ui import AppSettings, build_demo
 
+    memory = PeakMemory(torch.device("cpu")).__enter__()  # the app's resident memory, run and server together
     manager = JobManager(prior_factory=prior_factory) if prior_factory else JobManager()
     settings = AppSettings(run_overrides=overrides or {})
     demo = build_demo(manager, settings)
@@ -247,6 +252,7 @@ def run_load_test(
             "it_per_s_alone_before_and_after": [before, after],
             "it_per_s_loaded": loaded,
             "slowdown": 1 - loaded / alone if alone > 0 else float("nan"),
+            "peak_rss_mb_app": memory.peak_mb,
         }
         return report
     finally:
@@ -257,6 +263,7 @@ def run_load_test(
                 pass
         manager.shutdown()
         demo.close()
+        memory.__exit__(None, None, None)
 
 
 def main(argv: list[str] | None = None) -> int:

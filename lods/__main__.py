@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backbones", default="gs,nerf,image", help="speed: comma-separated backbones")
     b.add_argument("--methods", default=None, help="speed: comma-separated estimators (default: all)")
     b.add_argument("--device", default=None, help="speed: cpu or cuda (default: cuda when available)")
+    b.add_argument("--second-thread", choices=["on", "off"], default=None,
+                   help="speed: the trainer's second CPU thread (default: on for the CPU, off on a GPU)")
     _add_executor_options(b)
 
     t = sub.add_parser("toy-prior", help="the embedded prior: render, train, sample, judge")

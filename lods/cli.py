@@ -106,7 +106,9 @@ def _bench(args: argparse.Namespace) -> int:
 
         backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
         methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-        run_speed(args.prior, backbones, methods, steps=args.steps or 20, device=args.device, out=args.out)
+        second = None if args.second_thread is None else args.second_thread == "on"
+        run_speed(args.prior, backbones, methods, steps=args.steps or 20, device=args.device, out=args.out,
+                  second_thread=second)
         return 0
     from lods.bench.guidance import run_guidance_bench
 
