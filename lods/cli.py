@@ -109,7 +109,8 @@ def _bench(args: argparse.Namespace) -> int:
             raise UserError("bench gpu needs --out DIR")
         report = run_gpu_bench(args.out, device=args.device, cpu_reference=args.cpu_reference,
                                steps=args.steps or 3)
-        return 1 if any(c["status"] == "fail" for c in report["checks"]) else 0
+        failed = any(c["status"] == "fail" for c in report["checks"]) or any("error" in r for r in report["timing"])
+        return 1 if failed else 0
     if args.what == "speed":
         from lods.bench.speed import run_speed
 

@@ -152,6 +152,28 @@ def test_cpu_reference_report(tmp_path, monkeypatch):
     assert any("wrote" in line for line in lines)
 
 
+def test_a_setting_that_fails_is_reported_and_the_next_still_runs(tmp_path, monkeypatch, capsys):
+    from lods.__main__ import main
+
+    def time_setting(prior, setting, steps, warmup, name):
+        if name == "gs":
+            raise RuntimeError("CUDA out of memory")
+        return {"setting": name, "backbone": "nerf", "batch": 1, "resolution": 16, "dtype": "float32",
+                "steps_timed": 1, "ms_per_step": 10.0, "phases_ms": dict.fromkeys(("render", "encode", "unet_theta",
+                "guidance_other", "backward", "optimizer", "update", "densify", "other"), 1.0), "peak_memory_mb": 1.0,
+                "counted_step_flops": 1, "official_steps": 25000, "projected_run_s": 250.0, "scene_finite": True,
+                "num_gaussians": None}
+
+    monkeypatch.setattr(gpu, "run_checks", lambda device: [])
+    monkeypatch.setattr(gpu, "time_setting", time_setting)
+    assert main(["bench", "gpu", "--cpu-reference", "--out", str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["timing"][0] == {"setting": "gs", "error": "RuntimeError: CUDA out of memory"}
+    assert report["timing"][1]["setting"] == "nerf" and report["timing"][1]["step_flops"] > 0
+    md = (tmp_path / "gpu.md").read_text()
+    assert "| gs | failed: RuntimeError: CUDA out of memory |" in md and "| nerf | 1 x 16 |" in md
+
+
 # ----------------------------------------------------------------------------- stand-ins of the CUDA libraries
 
 

@@ -577,7 +577,10 @@ def time_setting(prior, setting: dict[str, Any], steps: int = 3, warmup: int = 2
             sync()
             total = time.perf_counter() - t0
             timer.enabled = False
-        counted = count_flops(trainer.train_step)
+        try:
+            counted = count_flops(trainer.train_step)
+        except Exception:  # a kernel the counter cannot pass through: the models' count (meta) still stands
+            counted = None
         finite = all(bool(torch.isfinite(p).all()) for p in trainer.scene.parameters())
         scene_size = (trainer.scene.num_gaussians if hasattr(trainer.scene, "num_gaussians") else None)
     finally:
@@ -660,35 +663,50 @@ def run_gpu_bench(out: str | Path, device: str | torch.device | None = None, cpu
         "models": "tiny (SD 2.1 architecture, toy size)" if cpu_reference else "SD 2.1-base architecture",
     }
 
+    report["checks"], report["timing"] = [], []
+
+    def write() -> None:  # after every stage, so that a run cut short still leaves what it measured
+        report["seconds"] = time.perf_counter() - t_start
+        (out / "gpu.json").write_text(json.dumps(report, indent=2))
+        (out / "gpu.md").write_text(format_report(report))
+
     log("checks ...")
     report["checks"] = run_checks(dev)
     for c in report["checks"]:
         log(f"  {c['status']:7s} {c['name']}" + (f" ({c['reason']})" if c.get("reason") else ""))
-
+    write()
     log(f"FLOPs of Stable Diffusion 2.1-base's models (meta device) ... ({time.perf_counter() - t_start:.0f} s)")
     report["sd21_flops"] = model_flops(sd21_configs(), OFFICIAL)
+    write()
 
     same = configs == sd21_configs() and settings == OFFICIAL
     step_flops = (report["sd21_flops"] if same else model_flops(configs, settings))["step_model_flops"]
-    rows = []
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     prior = build_prior(configs, dev, dtype=dtype)
     for name, setting in settings.items():
         log(f"timing the {name} setting ({setting['batch']} x {setting['resolution']} px) ...")
-        row = time_setting(prior, setting, steps=steps, warmup=warmup, name=name)
+        try:
+            row = time_setting(prior, setting, steps=steps, warmup=warmup, name=name)
+        except Exception as err:  # out of memory, a kernel that fails: reported, and the next setting still runs
+            from lods.errors import one_line
+
+            report["timing"].append({"setting": name, "error": f"{type(err).__name__}: {one_line(err, 300)}"})
+            log(f"  failed: {report['timing'][-1]['error']}")
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            write()
+            continue
         row["step_flops"] = step_flops[name]
         step_s = row["ms_per_step"] / 1000
         row["achieved_tflops"] = row["step_flops"] / step_s / 1e12
         row["share_of_peak"] = row["achieved_tflops"] / peak if peak else None
         row["peak_bound_s_per_step"] = row["step_flops"] / (peak * 1e12) if peak else None
-        rows.append(row)
+        report["timing"].append(row)
         log(f"  {row['ms_per_step']:.1f} ms/step, {_fmt_flops(row['step_flops'])}FLOP/step "
             f"({time.perf_counter() - t_start:.0f} s)")
+        write()
     del prior
-    report["timing"] = rows
-    report["seconds"] = time.perf_counter() - t_start
-    (out / "gpu.json").write_text(json.dumps(report, indent=2))
-    (out / "gpu.md").write_text(format_report(report))
+    write()
     log(f"wrote {out / 'gpu.md'} and {out / 'gpu.json'} ({report['seconds']:.0f} s)")
     return report
 
@@ -754,7 +772,9 @@ def format_report(report: dict[str, Any]) -> str:
             bound = ", ".join(f"{k} {_num(v)}" for k, v in bound.items())
         measured = c.get("reason", "") if c["status"] != "pass" and "reason" in c else _fmt_metric(c)
         lines.append(f"| {c['name']} | {c['status']} | {measured} | {_num(bound)} |")
-    f = report["sd21_flops"]
+    f = report.get("sd21_flops")
+    if f is None:
+        return "\n".join(lines + ["", f"(stopped after the checks; {report['seconds']:.0f} s)", ""])
     lines += [
         "",
         "## Stable Diffusion 2.1-base FLOPs (counted on the meta device)",
@@ -775,6 +795,9 @@ def format_report(report: dict[str, Any]) -> str:
         "|" + " --- |" * 17,
     ]
     for r in report["timing"]:
+        if "error" in r:
+            lines.append(f"| {r['setting']} | failed: {r['error']} |" + " |" * 15)
+            continue
         p = r["phases_ms"]
         other = p["guidance_other"] + p["densify"] + p["other"]
         share = f"{100 * r['share_of_peak']:.1f}%" if r["share_of_peak"] is not None else "unknown"
