@@ -158,7 +158,7 @@ def test_a_setting_that_fails_is_reported_and_the_next_still_runs(tmp_path, monk
     def time_setting(prior, setting, steps, warmup, name):
         if name == "gs":
             raise RuntimeError("CUDA out of memory")
-        return {"setting": name, "backbone": "nerf", "batch": 1, "resolution": 16, "dtype": "float32",
+        return {"setting": name, "backbone": "nerf", "batch": 1, "resolution": 16, "latent": 8, "dtype": "float32",
                 "steps_timed": 1, "ms_per_step": 10.0, "phases_ms": dict.fromkeys(("render", "encode", "unet_theta",
                 "guidance_other", "backward", "optimizer", "update", "densify", "other"), 1.0), "peak_memory_mb": 1.0,
                 "counted_step_flops": 1, "official_steps": 25000, "projected_run_s": 250.0, "scene_finite": True,
@@ -171,7 +171,7 @@ def test_a_setting_that_fails_is_reported_and_the_next_still_runs(tmp_path, monk
     assert report["timing"][0] == {"setting": "gs", "error": "RuntimeError: CUDA out of memory"}
     assert report["timing"][1]["setting"] == "nerf" and report["timing"][1]["step_flops"] > 0
     md = (tmp_path / "gpu.md").read_text()
-    assert "| gs | failed: RuntimeError: CUDA out of memory |" in md and "| nerf | 1 x 16 |" in md
+    assert "| gs | failed: RuntimeError: CUDA out of memory |" in md and "| nerf | 1 x 16 (8² latents) |" in md
 
 
 # ----------------------------------------------------------------------------- stand-ins of the CUDA libraries

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import platform
 import re
 import sys
@@ -602,7 +603,8 @@ def time_setting(prior, setting: dict[str, Any], steps: int = 3, warmup: int = 2
     phases["other"] = max(0.0, step_ms - sum(phases.values()))
     return {
         "setting": name or setting["backbone"], "backbone": setting["backbone"], "batch": setting["batch"],
-        "resolution": setting["resolution"], "dtype": str(prior.dtype).replace("torch.", ""),
+        "resolution": setting["resolution"], "latent": setting["resolution"] // prior.vae_scale_factor,
+        "dtype": str(prior.dtype).replace("torch.", ""),
         "steps_timed": steps, "ms_per_step": step_ms, "phases_ms": phases, "peak_memory_mb": mem.peak_mb,
         "memory_kind": "max_memory_allocated" if device.type == "cuda" else "process RSS",
         "counted_step_flops": counted, "official_steps": setting["steps"],
@@ -651,7 +653,9 @@ def run_gpu_bench(out: str | Path, device: str | torch.device | None = None, cpu
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu")
+    device_name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                   else f"{platform.machine() or 'unknown'} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} "
+                        "torch threads")
     peak = peak_fp16_tflops(device_name) if dev.type == "cuda" else None
     configs = configs or (tiny_configs() if cpu_reference else sd21_configs())
     if settings is None:
@@ -790,7 +794,7 @@ def format_report(report: dict[str, Any]) -> str:
         "",
         "## One LODS-embed step, by phase (ms)",
         "",
-        "| setting | batch x px | dtype | ms/step | render | encode | UNet (theta) | update | backward | optimizer "
+        "| setting | views x px | dtype | ms/step | render | encode | UNet (theta) | update | backward | optimizer "
         "| other | peak MB | FLOP/step | TFLOP/s | share of peak | official steps | projected run |",
         "|" + " --- |" * 17,
     ]
@@ -802,7 +806,8 @@ def format_report(report: dict[str, Any]) -> str:
         other = p["guidance_other"] + p["densify"] + p["other"]
         share = f"{100 * r['share_of_peak']:.1f}%" if r["share_of_peak"] is not None else "unknown"
         lines.append(
-            f"| {r['setting']} | {r['batch']} x {r['resolution']} | {r['dtype']} | {r['ms_per_step']:.1f} | "
+            f"| {r['setting']} | {r['batch']} x {r['resolution']} ({r['latent']}² latents) | {r['dtype']} | "
+            f"{r['ms_per_step']:.1f} | "
             f"{p['render']:.1f} | {p['encode']:.1f} | {p['unet_theta']:.1f} | {p['update']:.1f} | "
             f"{p['backward']:.1f} | {p['optimizer']:.1f} | {other:.1f} | {r['peak_memory_mb']:.0f} | "
             f"{_fmt_flops(r['step_flops'])} | {r['achieved_tflops']:.3g} | {share} | {r['official_steps']:,} | "
@@ -813,7 +818,9 @@ def format_report(report: dict[str, Any]) -> str:
         "backward into alpha and its Adam step; backward: into the scene through the VAE encoder and the renderer. "
         "FLOP/step: the models' work in one step (the step model above, counted on the meta device for the models "
         "and setting timed); TFLOP/s: FLOP/step / the measured step time; share of peak: TFLOP/s / the GPU's dense "
-        "fp16 peak. Projected run: ms/step x the official steps, without snapshots, checkpoints or export.",
+        "fp16 peak. Projected run: ms/step x the official steps, without snapshots, checkpoints or export. The "
+        "renders are encoded at the size they are rendered (threestudio, which the official release builds on, "
+        "resizes them to 512 px first: for 256-px renders that is at least 4x the UNet work of the NeRF row here).",
         "",
         f"Total: {report['seconds']:.0f} s.",
         "",
