@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="speed: cpu or cuda (default: cuda when available); gpu: cuda[:N]")
     b.add_argument("--cpu-reference", action="store_true",
                    help="gpu: run only what runs without CUDA (the CPU references, the report on tiny models)")
+    b.add_argument("--budget", type=_finite_float, default=420.0, metavar="SECONDS",
+                   help="gpu: start no new check or timing after this many seconds (default 420)")
     _add_executor_options(b)
 
     t = sub.add_parser("toy-prior", help="the embedded prior: render, train, sample, judge")

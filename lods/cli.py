@@ -108,7 +108,7 @@ def _bench(args: argparse.Namespace) -> int:
         if not args.out:
             raise UserError("bench gpu needs --out DIR")
         report = run_gpu_bench(args.out, device=args.device, cpu_reference=args.cpu_reference,
-                               steps=args.steps or 3)
+                               steps=args.steps or 3, budget_s=args.budget)
         failed = any(c["status"] == "fail" for c in report["checks"]) or any("error" in r for r in report["timing"])
         return 1 if failed else 0
     if args.what == "speed":

@@ -124,8 +124,8 @@ def test_a_failing_check_is_reported_not_raised():
 
 
 def test_cpu_reference_report(tmp_path, monkeypatch):
-    monkeypatch.setattr(gpu, "run_checks", lambda device: [gpu._check("sparse", gpu.check_sparse_vs_dense),
-                                                           gpu._check("gsplat", None, needs="needs CUDA")])
+    monkeypatch.setattr(gpu, "run_checks", lambda *a: [gpu._check("sparse", gpu.check_sparse_vs_dense),
+                                                      gpu._check("gsplat", None, needs="needs CUDA")])
     lines: list[str] = []
     report = gpu.run_gpu_bench(tmp_path, cpu_reference=True, steps=1, warmup=1, log=lines.append)
     saved = json.loads((tmp_path / "gpu.json").read_text())
@@ -164,7 +164,7 @@ def test_a_setting_that_fails_is_reported_and_the_next_still_runs(tmp_path, monk
                 "counted_step_flops": 1, "official_steps": 25000, "projected_run_s": 250.0, "scene_finite": True,
                 "num_gaussians": None}
 
-    monkeypatch.setattr(gpu, "run_checks", lambda device: [])
+    monkeypatch.setattr(gpu, "run_checks", lambda *a: [])
     monkeypatch.setattr(gpu, "time_setting", time_setting)
     assert main(["bench", "gpu", "--cpu-reference", "--out", str(tmp_path)]) == 1
     report = json.loads((tmp_path / "gpu.json").read_text())
@@ -172,6 +172,20 @@ def test_a_setting_that_fails_is_reported_and_the_next_still_runs(tmp_path, monk
     assert report["timing"][1]["setting"] == "nerf" and report["timing"][1]["step_flops"] > 0
     md = (tmp_path / "gpu.md").read_text()
     assert "| gs | failed: RuntimeError: CUDA out of memory |" in md and "| nerf | 1 x 16 (8² latents) |" in md
+
+
+def test_past_the_budget_nothing_new_starts(tmp_path, monkeypatch):
+    # the meta-device counts are tested above; here only what the budget stops matters
+    counts = {"unet_forward_batch1": 1, "vae_encode_batch1": 1, "text_encoder_forward": 1, "latent_size": 64,
+              "image_size": 512, "parameters": {"unet": 1}}
+    monkeypatch.setattr(gpu, "model_flops", lambda configs, settings: {**counts, "step_model_flops": {}})
+    monkeypatch.setattr(gpu, "build_prior", None)  # nothing is timed: no model is built
+    report = gpu.run_gpu_bench(tmp_path, cpu_reference=True, budget_s=0.0, log=lambda line: None)
+    assert report["checks"] and all(c["status"] == "skipped" for c in report["checks"])
+    assert {c["reason"] for c in report["checks"]} == {"needs CUDA", "the time budget was spent (--budget)"}
+    assert report["timing"] == [{"setting": s, "skipped": "the time budget was spent (--budget)"}
+                                for s in ("gs", "nerf")]
+    assert "| gs | skipped: the time budget was spent (--budget) |" in (tmp_path / "gpu.md").read_text()
 
 
 # ----------------------------------------------------------------------------- stand-ins of the CUDA libraries

@@ -507,39 +507,52 @@ def check_guidance_precision(device: torch.device, dtype: torch.dtype, cfg: floa
             "update_loss": {"fp32": loss32, "low": losslow}, "criterion": "direction cosine >= 0.99"}
 
 
-def run_checks(device: torch.device) -> list[dict[str, Any]]:
-    """Every check this machine can run; the others are listed as skipped, with the reason."""
+def run_checks(device: torch.device, deadline: float | None = None) -> list[dict[str, Any]]:
+    """Every check this machine can run; the others are listed as skipped, with the reason (no CUDA, a library
+    not installed, or past ``deadline``, a ``time.perf_counter()`` value)."""
     from lods.scenes.hashgrid import tinycudann_available
     from lods.scenes.nerf import nerfacc_cuda_available
     from lods.scenes.rasterize import _gsplat_installed
 
     cuda = device.type == "cuda"
-    no_cuda = None if cuda else "needs CUDA"
-    t0 = time.perf_counter()  # loads nerfacc's kernels (compiling them on a first use without prebuilt wheels)
-    nerfacc_ok = cuda and nerfacc_cuda_available()
-    nerfacc_load_s = time.perf_counter() - t0
-    checks = [
-        _check("projection vs gsplat's PyTorch projection (CPU)", check_projection_vs_gsplat_torch,
-               needs=None if _gsplat_installed() else "gsplat is not installed"),
-        _check("sparse vs dense rasterizer (CPU)", check_sparse_vs_dense),
-        _check("gsplat vs the CPU rasterizer", lambda: check_gsplat(device),
-               needs=no_cuda or (None if _gsplat_installed() else "gsplat is not installed")),
-        _check("PyTorch hash grid, GPU vs CPU", lambda: check_hashgrid_devices(device), needs=no_cuda),
-        _check("nerfacc occupancy grid vs dense renderer", lambda: {**check_nerfacc(device),
-                                                                    "kernel_load_s": nerfacc_load_s},
-               needs=no_cuda or (None if nerfacc_ok else "nerfacc's CUDA kernels do not load")),
-        _check("tinycudann hash grid vs PyTorch hash grid", lambda: check_tinycudann(device),
-               needs=no_cuda or (None if tinycudann_available() else "tinycudann is not installed (see README)")),
+    no_gsplat = None if _gsplat_installed() else "gsplat is not installed"
+    loads: dict[str, float] = {}
+
+    def nerfacc_loads() -> str | None:  # loads nerfacc's kernels (compiling them on a first use without wheels)
+        t0 = time.perf_counter()
+        ok = nerfacc_cuda_available()
+        loads["nerfacc"] = time.perf_counter() - t0
+        return None if ok else "nerfacc's CUDA kernels do not load"
+
+    plan: list[tuple[str, Callable[[], dict[str, Any]], bool, Callable[[], str | None]]] = [
+        ("projection vs gsplat's PyTorch projection (CPU)", check_projection_vs_gsplat_torch, False,
+         lambda: no_gsplat),
+        ("sparse vs dense rasterizer (CPU)", check_sparse_vs_dense, False, lambda: None),
+        ("gsplat vs the CPU rasterizer", lambda: check_gsplat(device), True, lambda: no_gsplat),
+        ("PyTorch hash grid, GPU vs CPU", lambda: check_hashgrid_devices(device), True, lambda: None),
+        ("nerfacc occupancy grid vs dense renderer",
+         lambda: {**check_nerfacc(device), "kernel_load_s": loads.get("nerfacc")}, True, nerfacc_loads),
+        ("tinycudann hash grid vs PyTorch hash grid", lambda: check_tinycudann(device), True,
+         lambda: None if tinycudann_available() else "tinycudann is not installed (see README)"),
+        (f"LODS-embed step, fp16 vs fp32 (tiny SD, {device.type})",
+         lambda: check_guidance_precision(device, torch.float16), False, lambda: None),
+        # bf16 is reachable only through the Python API (DiffusersPrior.from_pretrained(dtype="bf16")): measured,
+        # not gated, as a record of what it would give.
+        (f"LODS-embed step, bf16 vs fp32 (tiny SD, {device.type})",
+         lambda: check_guidance_precision(device, torch.bfloat16), False, lambda: None),
     ]
-    checks.append(_check(f"LODS-embed step, fp16 vs fp32 (tiny SD, {device.type})",
-                         lambda: check_guidance_precision(device, torch.float16)))
-    # bf16 is reachable only through the Python API (DiffusersPrior.from_pretrained(dtype="bf16")): measured, not
-    # gated, as a record of what it would give.
-    bf16 = _check(f"LODS-embed step, bf16 vs fp32 (tiny SD, {device.type})",
-                  lambda: check_guidance_precision(device, torch.bfloat16))
-    if bf16["status"] in ("pass", "fail"):
-        bf16["status"] = f"info ({'within' if bf16['status'] == 'pass' else 'outside'} the bound)"
-    checks.append(bf16)
+    checks = []
+    for name, fn, needs_cuda, missing in plan:
+        if needs_cuda and not cuda:
+            reason = "needs CUDA"
+        elif deadline is not None and time.perf_counter() > deadline:
+            reason = "the time budget was spent (--budget)"
+        else:
+            reason = missing()
+        record = _check(name, fn, needs=reason)
+        if "bf16" in name and record["status"] in ("pass", "fail"):
+            record["status"] = f"info ({'within' if record['status'] == 'pass' else 'outside'} the bound)"
+        checks.append(record)
     return checks
 
 
@@ -644,11 +657,13 @@ def bench_device(device: str | torch.device | None, cpu_reference: bool) -> torc
 
 def run_gpu_bench(out: str | Path, device: str | torch.device | None = None, cpu_reference: bool = False,
                   configs: dict[str, dict[str, Any]] | None = None, settings: dict[str, dict[str, Any]] | None = None,
-                  steps: int = 3, warmup: int = 2, log: Callable[[str], None] = print) -> dict[str, Any]:
+                  steps: int = 3, warmup: int = 2, budget_s: float | None = None,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole bench; writes ``gpu.json`` and ``gpu.md`` into ``out`` and returns the report.
 
     Without ``cpu_reference`` it needs CUDA (a ``UserError`` otherwise). With it, it runs on the CPU and times
-    ``configs`` (default :func:`tiny_configs`) at ``settings`` (default: the official ones scaled to them)."""
+    ``configs`` (default :func:`tiny_configs`) at ``settings`` (default: the official ones scaled to them).
+    Past ``budget_s`` seconds no new check or setting starts (they are reported as skipped)."""
     dev = bench_device(device, cpu_reference)
     t_start = time.perf_counter()
     out = Path(out)
@@ -675,7 +690,8 @@ def run_gpu_bench(out: str | Path, device: str | torch.device | None = None, cpu
         (out / "gpu.md").write_text(format_report(report))
 
     log("checks ...")
-    report["checks"] = run_checks(dev)
+    deadline = t_start + budget_s if budget_s is not None else None
+    report["checks"] = run_checks(dev, deadline)
     for c in report["checks"]:
         log(f"  {c['status']:7s} {c['name']}" + (f" ({c['reason']})" if c.get("reason") else ""))
     write()
@@ -686,10 +702,15 @@ def run_gpu_bench(out: str | Path, device: str | torch.device | None = None, cpu
     same = configs == sd21_configs() and settings == OFFICIAL
     step_flops = (report["sd21_flops"] if same else model_flops(configs, settings))["step_model_flops"]
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    prior = build_prior(configs, dev, dtype=dtype)
+    prior = None
     for name, setting in settings.items():
+        if deadline is not None and time.perf_counter() > deadline:
+            report["timing"].append({"setting": name, "skipped": "the time budget was spent (--budget)"})
+            log(f"skipped the {name} setting: the time budget was spent")
+            continue
         log(f"timing the {name} setting ({setting['batch']} x {setting['resolution']} px) ...")
         try:
+            prior = prior or build_prior(configs, dev, dtype=dtype)
             row = time_setting(prior, setting, steps=steps, warmup=warmup, name=name)
         except Exception as err:  # out of memory, a kernel that fails: reported, and the next setting still runs
             from lods.errors import one_line
@@ -799,8 +820,9 @@ def format_report(report: dict[str, Any]) -> str:
         "|" + " --- |" * 17,
     ]
     for r in report["timing"]:
-        if "error" in r:
-            lines.append(f"| {r['setting']} | failed: {r['error']} |" + " |" * 15)
+        if "error" in r or "skipped" in r:
+            what = f"failed: {r['error']}" if "error" in r else f"skipped: {r['skipped']}"
+            lines.append(f"| {r['setting']} | {what} |" + " |" * 15)
             continue
         p = r["phases_ms"]
         other = p["guidance_other"] + p["densify"] + p["other"]
