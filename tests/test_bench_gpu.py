@@ -143,6 +143,7 @@ def test_cpu_reference_report(tmp_path, monkeypatch):
         assert r["achieved_tflops"] == pytest.approx(r["step_flops"] / (r["ms_per_step"] / 1000) / 1e12)
         assert r["projected_run_s"] == pytest.approx(r["ms_per_step"] / 1000 * r["official_steps"])
         assert r["share_of_peak"] is None
+    assert rows["gs"]["scene_backend"] == "torch" and rows["nerf"]["scene_backend"] == "dense+torch"
     # NeRF renders are counted only through their small MLPs: the counted step is the models' work and a little
     assert expected["nerf"] <= rows["nerf"]["counted_step_flops"] < 1.5 * expected["nerf"]
     md = (tmp_path / "gpu.md").read_text()
@@ -171,7 +172,7 @@ def test_a_setting_that_fails_is_reported_and_the_next_still_runs(tmp_path, monk
     assert report["timing"][0] == {"setting": "gs", "error": "RuntimeError: CUDA out of memory"}
     assert report["timing"][1]["setting"] == "nerf" and report["timing"][1]["step_flops"] > 0
     md = (tmp_path / "gpu.md").read_text()
-    assert "| gs | failed: RuntimeError: CUDA out of memory |" in md and "| nerf | 1 x 16 (8² latents) |" in md
+    assert "| gs | failed: RuntimeError: CUDA out of memory |" in md and "| nerf (-) | 1 x 16 (8² latents) |" in md
 
 
 def test_past_the_budget_nothing_new_starts(tmp_path, monkeypatch):

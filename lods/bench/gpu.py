@@ -597,6 +597,7 @@ def time_setting(prior, setting: dict[str, Any], steps: int = 3, warmup: int = 2
             counted = None
         finite = all(bool(torch.isfinite(p).all()) for p in trainer.scene.parameters())
         scene_size = (trainer.scene.num_gaussians if hasattr(trainer.scene, "num_gaussians") else None)
+        backend = str(getattr(trainer.scene, "backend", "") or "")
     finally:
         timer.enabled = False
         timer.close()
@@ -622,6 +623,7 @@ def time_setting(prior, setting: dict[str, Any], steps: int = 3, warmup: int = 2
         "memory_kind": "max_memory_allocated" if device.type == "cuda" else "process RSS",
         "counted_step_flops": counted, "official_steps": setting["steps"],
         "projected_run_s": step_ms / 1000 * setting["steps"], "scene_finite": finite, "num_gaussians": scene_size,
+        "scene_backend": backend,
     }
 
 
@@ -828,7 +830,8 @@ def format_report(report: dict[str, Any]) -> str:
         other = p["guidance_other"] + p["densify"] + p["other"]
         share = f"{100 * r['share_of_peak']:.1f}%" if r["share_of_peak"] is not None else "unknown"
         lines.append(
-            f"| {r['setting']} | {r['batch']} x {r['resolution']} ({r['latent']}² latents) | {r['dtype']} | "
+            f"| {r['setting']} ({r.get('scene_backend') or '-'}) | {r['batch']} x {r['resolution']} "
+            f"({r['latent']}² latents) | {r['dtype']} | "
             f"{r['ms_per_step']:.1f} | "
             f"{p['render']:.1f} | {p['encode']:.1f} | {p['unet_theta']:.1f} | {p['update']:.1f} | "
             f"{p['backward']:.1f} | {p['optimizer']:.1f} | {other:.1f} | {r['peak_memory_mb']:.0f} | "
