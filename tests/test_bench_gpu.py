@@ -49,7 +49,8 @@ def test_peak_table_matches_names_and_says_unknown_otherwise():
     assert gpu.peak_fp16_tflops("NVIDIA L40S") == 362
     assert gpu.peak_fp16_tflops("Tesla T4") == 65
     assert gpu.peak_fp16_tflops("NVIDIA GeForce RTX 4090") == 165
-    for unknown in ("NVIDIA L40", "NVIDIA GeForce RTX 4080", "AMD Instinct MI300X", "cpu"):
+    assert gpu.peak_fp16_tflops("Tesla V100-PCIE-32GB") == 112 and gpu.peak_fp16_tflops("Tesla V100-SXM2-16GB") == 125
+    for unknown in ("NVIDIA L40", "NVIDIA H100 NVL", "NVIDIA GeForce RTX 4080", "AMD Instinct MI300X", "cpu"):
         assert gpu.peak_fp16_tflops(unknown) is None
 
 

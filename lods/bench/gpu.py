@@ -48,16 +48,18 @@ CONFIG_DIR = Path(__file__).resolve().parent / "sd21_configs"
 COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
 
 # Dense fp16 tensor-core peaks (TFLOP/s, fp32 accumulate, no sparsity) from NVIDIA's data sheets, matched
-# against torch.cuda.get_device_name in this order; anything else is "unknown".
-PEAK_FP16_TFLOPS: tuple[tuple[str, float], ...] = (
+# against torch.cuda.get_device_name in this order; None, or no match, is "unknown".
+PEAK_FP16_TFLOPS: tuple[tuple[str, float | None], ...] = (
     (r"\bH200\b", 989.0),
     (r"\bH100\b.*\bPCIe\b", 756.0),
+    (r"\bH100\b.*\bNVL\b", None),
     (r"\bH100\b", 989.0),
     (r"\bA100\b", 312.0),
     (r"\bL40S\b", 362.0),
     (r"\bL4\b", 121.0),
     (r"\bT4\b", 65.0),
     (r"\bRTX 4090\b", 165.0),
+    (r"\bV100\b.*\bPCIE\b", 112.0),
     (r"\bV100\b", 125.0),
 )
 
@@ -244,7 +246,7 @@ def _native_flops(key: str) -> dict[str, Any]:
 def peak_fp16_tflops(device_name: str) -> float | None:
     """The dense fp16 peak of a GPU by its name (``PEAK_FP16_TFLOPS``); None when unknown."""
     for pattern, peak in PEAK_FP16_TFLOPS:
-        if re.search(pattern, device_name):
+        if re.search(pattern, device_name, re.IGNORECASE):
             return peak
     return None
 
