@@ -129,13 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench",
-        help="benchmarks: guidance (UNet passes per estimator), speed (time per phase), quality (the paper's claims)",
+        help="benchmarks: guidance (UNet passes per estimator), speed (time per phase), quality (the paper's claims), "
+             "gpu (the CUDA paths against the CPU references, and the paper's settings timed on SD 2.1's architecture)",
     )
-    b.add_argument("what", choices=["guidance", "speed", "quality"])
+    b.add_argument("what", choices=["guidance", "speed", "quality", "gpu"])
     b.add_argument("--prior", default="toy")
     b.add_argument("--steps", type=STEPS, default=None,
-                   help="steps per measurement (guidance 5, speed 20) or per run (quality 300)")
-    b.add_argument("--out", default=None, help="guidance: a JSON file; speed, quality: a folder")
+                   help="steps per measurement (guidance 5, speed 20, gpu 3) or per run (quality 300)")
+    b.add_argument("--out", default=None, help="guidance: a JSON file; speed, quality, gpu: a folder")
     b.add_argument("--quick", action="store_true", help="quality: 3 prompts, 5 methods, 1 seed (about 15 min on CPU)")
     b.add_argument("--seeds", type=_int_in(1, 1000), default=None,
                    help="quality: seeds per prompt and method (default 2, quick 1)")
@@ -144,9 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plan", default=None, help="quality: a JSON file of prompts, variants, seeds and steps to run")
     b.add_argument("--backbones", default="gs,nerf,image", help="speed: comma-separated backbones")
     b.add_argument("--methods", default=None, help="speed: comma-separated estimators (default: all)")
-    b.add_argument("--device", default=None, help="speed: cpu or cuda (default: cuda when available)")
+    b.add_argument("--device", default=None, help="speed: cpu or cuda (default: cuda when available); gpu: cuda[:N]")
     b.add_argument("--second-thread", choices=["on", "off"], default=None,
                    help="speed: the trainer's second CPU thread (default: on for the CPU, off on a GPU)")
+    b.add_argument("--cpu-reference", action="store_true",
+                   help="gpu: run only what runs without CUDA (the CPU references, the report on tiny models)")
+    b.add_argument("--budget", type=_finite_float, default=420.0, metavar="SECONDS",
+                   help="gpu: start no new check or timing after this many seconds (default 420)")
     _add_executor_options(b)
 
     t = sub.add_parser("toy-prior", help="the embedded prior: render, train, sample, judge")

@@ -101,6 +101,16 @@ def _bench(args: argparse.Namespace) -> int:
                            plan_file=Path(args.plan) if args.plan else None)
         print((Path(args.out) / "report.md").read_text() if rows else "no run finished")
         return 0 if rows else 1
+    if args.what == "gpu":
+        from lods.bench.gpu import bench_device, run_gpu_bench
+
+        bench_device(args.device, args.cpu_reference)  # no CUDA: say so first
+        if not args.out:
+            raise UserError("bench gpu needs --out DIR")
+        report = run_gpu_bench(args.out, device=args.device, cpu_reference=args.cpu_reference,
+                               steps=args.steps or 3, budget_s=args.budget)
+        failed = any(c["status"] == "fail" for c in report["checks"]) or any("error" in r for r in report["timing"])
+        return 1 if failed else 0
     if args.what == "speed":
         from lods.bench.speed import run_speed
 

@@ -413,6 +413,9 @@ def _composite_dense(
 # ---------------------------------------------------------------------------------------------
 
 
+GSPLAT_DEVICES = ("cuda",)  # where gsplat's kernels run (a stand-in gsplat in the tests adds "cpu")
+
+
 @functools.cache
 def _gsplat_installed() -> bool:
     return importlib.util.find_spec("gsplat") is not None
@@ -554,7 +557,7 @@ def _rasterize_gsplat(
     eps2d: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """The CUDA backend: ``gsplat.rasterization`` with accumulated depth ("RGB+D"), unpacked meta."""
-    if not means.is_cuda:
+    if means.device.type not in GSPLAT_DEVICES:
         raise ValueError("the gsplat backend needs CUDA tensors; use backend='sparse' on this device")
     import gsplat
 
