@@ -180,15 +180,17 @@ def model_flops(configs: dict[str, dict[str, Any]], settings: dict[str, dict[str
     """The models' FLOPs, counted on the ``meta`` device (no memory, no GPU): one batch-1 UNet forward at the
     native latent size, one VAE encode at the native image size, one text-encoder forward, and the model work
     of one LODS-embed step per setting (``step_model_flops``): the theta step's UNet forward on the 2B
-    conditional and alpha latents, the VAE encode of the B renders with its backward into the pixels, and the
-    Eq. 8 update's UNet forward on B latents with its backward into alpha. Every op counted (convolutions,
-    matrix products, attention) is linear in the batch, so each part is counted at batch 1 and multiplied."""
+    conditional and alpha latents, the VAE encode of the B renders (resized to the native image size) with its
+    backward into the pixels, and the Eq. 8 update's UNet forward on B latents with its backward into alpha.
+    Every op counted (convolutions, matrix products, attention) is linear in the batch, so each part is counted
+    at batch 1 and multiplied."""
     key = json.dumps(configs, sort_keys=True)
     out = dict(_native_flops(key))
     factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
     out["step_model_flops"] = {}
+    native = int(configs["unet"]["sample_size"]) * factor  # renders are resized to it before the encoder
     for name, s in settings.items():
-        b, size = int(s["batch"]), int(s["resolution"])
+        b, size = int(s["batch"]), native
         out["step_model_flops"][name] = b * (2 * _part_flops(key, "unet", size // factor, False)
                                              + _part_flops(key, "vae", size, True)
                                              + _part_flops(key, "unet", size // factor, True))
@@ -619,7 +621,7 @@ def time_setting(prior, setting: dict[str, Any], steps: int = 3, warmup: int = 2
     phases["other"] = max(0.0, step_ms - sum(phases.values()))
     return {
         "setting": name or setting["backbone"], "backbone": setting["backbone"], "batch": setting["batch"],
-        "resolution": setting["resolution"], "latent": setting["resolution"] // prior.vae_scale_factor,
+        "resolution": setting["resolution"], "latent": prior.image_size // prior.vae_scale_factor,
         "dtype": str(prior.dtype).replace("torch.", ""),
         "steps_timed": steps, "ms_per_step": step_ms, "phases_ms": phases, "peak_memory_mb": mem.peak_mb,
         "memory_kind": "max_memory_allocated" if device.type == "cuda" else "process RSS",
@@ -846,8 +848,7 @@ def format_report(report: dict[str, Any]) -> str:
         "FLOP/step: the models' work in one step (the step model above, counted on the meta device for the models "
         "and setting timed); TFLOP/s: FLOP/step / the measured step time; share of peak: TFLOP/s / the GPU's dense "
         "fp16 peak. Projected run: ms/step x the official steps, without snapshots, checkpoints or export. The "
-        "renders are encoded at the size they are rendered (threestudio, which the official release builds on, "
-        "resizes them to 512 px first: for 256-px renders that is at least 4x the UNet work of the NeRF row here).",
+        "renders are resized to the prior's image size (512 px) before the encoder, as threestudio does.",
         "",
         f"Total: {report['seconds']:.0f} s.",
         "",

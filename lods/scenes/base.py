@@ -67,7 +67,11 @@ class Scene(torch.nn.Module):
         with phase("render"):
             out = self.render(cameras, background)
         with phase("encode"):
-            return prior.encode_images(out.rgb), out
+            rgb = out.rgb
+            size = getattr(prior, "image_size", None)
+            if size and rgb.shape[-1] != size:  # the prior's own image size, as threestudio resizes to 512 for SD
+                rgb = torch.nn.functional.interpolate(rgb, size=(size, size), mode="bilinear", align_corners=False)
+            return prior.encode_images(rgb), out
 
     @torch.no_grad()
     def previews(self, prior: Any, cameras: Cameras, background: torch.Tensor | None) -> RenderOutput:
