@@ -573,7 +573,8 @@ def time_setting(prior, setting: dict[str, Any], steps: int = 3, warmup: int = 2
     device = prior.device
     cfg = {k: v for k, v in setting.items() if k != "steps"}
     config = RunConfig.from_dict({**cfg, "prompt": PROMPT, "prior": "sd21", "device": str(device), "seed": 0,
-                                  "steps": warmup + steps + 1, "snapshot_every": 10**9, "checkpoint_every": 0})
+                                  "steps": warmup + steps + 1, "snapshot_every": 10**9, "checkpoint_every": 0,
+                                  "second_thread": False})  # as on a GPU: phases in sequence, summing to the step
     trainer = Trainer(config, prior=prior)
     timer = trainer.timer
     timer.watch_unet(prior.unet)
