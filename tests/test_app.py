@@ -20,8 +20,8 @@ import torch
 
 from app.config import ModelPolicy, build_run_config, restricted_server
 from app.jobs import JobManager, NotOwner
-from app.plots import KNOB_SERIES, PLOTS, metric_frame, plot_colors, preview_grid
-from app.ui import AppSettings, Studio, build_demo, md_text, status_text
+from app.plots import PLOTS, mark_names, metric_frame, plot_colors, preview_grid
+from app.ui import AppSettings, Studio, build_demo, launch_options, md_text, status_text
 from lods.errors import UserError
 from lods.priors.base import PriorError
 
@@ -91,7 +91,8 @@ def server(prior_factory):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
+                    **launch_options())
         try:
             yield f"http://127.0.0.1:{port}/", jobs
         finally:
@@ -141,12 +142,12 @@ def test_run_live_knobs_second_session_and_stop(server):
         assert "your run is queued (position 1 of 1)" in b.predict(api_name="/poll")[0]
         assert "1 run queued" in a.predict(api_name="/poll")[0]
         assert "another session" in b.predict(api_name="/stop")
-        assert "another session" in b.predict(20, api_name="/set_cfg")
+        assert "another session" in b.predict(20, api_name="/set_cfg")[0]
         status_b = b.predict(api_name="/poll")[0]
         assert "Running" in status_b and "read-only" in status_b
 
         # the owner turns the CFG weight: applied within a step, recorded, marked on the plots
-        assert "set to 20" in a.predict(20, api_name="/set_cfg")
+        assert "set to 20" in a.predict(20, api_name="/set_cfg")[0]
         assert "set to 0.5" in a.predict(0.5, api_name="/set_lr_scale")
         step = job.trainer.step
         wait_for(lambda: (s := job.snapshot()) is not None and len(s.knob_changes) == 2 and s.step > step + 2)
@@ -157,8 +158,9 @@ def test_run_live_knobs_second_session_and_stop(server):
         plots = plots_and_rest[: len(PLOTS)]
         assert "read-only" not in status and Path(renders).is_file()
         cfg_plot = plots[[p.key for p in PLOTS].index("cfg")]
-        assert plot_column(cfg_plot, "series") == {"Effective CFG weight", "knob change"}
-        assert {c for c in plot_column(cfg_plot, "change") if c.startswith("CFG 50 → 20 @")}
+        series = plot_column(cfg_plot, "series")
+        assert "Effective CFG weight" in series and len(series) == 3  # the metric and one mark per change
+        assert {c for c in series if c.startswith("w 50 → 20 @")} and {c for c in series if c.startswith("scene lr")}
 
         # pause holds the step count; resume goes on
         assert "Paused" in str(a.predict(api_name="/pause"))
@@ -187,7 +189,7 @@ def test_run_live_knobs_second_session_and_stop(server):
 
         # Reset by the other session stops its run and deletes the folder; the first one's kept files go
         # when that session resets or starts again
-        assert "another session" in attempt(a.predict, api_name="/reset")[11]
+        assert "another session" in attempt(a.predict, api_name="/reset")[12]
         assert not job.out_dir.exists()
         b.predict(api_name="/reset")
         assert not second.thread.is_alive() and jobs.current() is None and not second.out_dir.exists()
@@ -214,7 +216,8 @@ def test_bad_input_gives_one_line_and_spares_the_running_job(server):
                 ({"steps": 0}, "steps must be"),
                 ({"custom_model": "someone/model"}, "only loads the listed models"),
                 ({"custom_model": "../../etc"}, "only loads the listed models"),
-                ({"cfg": 50000}, "greater than maximum"),  # the slider's own bound check
+                ({"cfg": 50000}, "between 1 and 10000"),
+                ({"cfg": "inf", "method": "sds"}, "diverges at an infinite CFG weight"),
                 ({"lr_scale": -1}, "less than minimum"),
                 ({"prior": "evil/model"}, "evil/model"),
             ]:
@@ -289,7 +292,7 @@ def test_closing_the_tab_stops_its_run(server):
 def test_nan_and_bad_numbers_are_refused_before_the_job(manager):
     studio = Studio(manager, AppSettings(run_overrides=OVERRIDES))
     values = dict(GOOD)
-    for key, bad, expected in [("cfg", math.nan, "CFG weight"), ("cfg", math.inf, "between 1 and"),
+    for key, bad, expected in [("cfg", math.nan, "CFG weight"), ("cfg", 20000.0, "between 1 and"),
                                ("cfg", 0.5, "CFG weight"), ("lr_scale", math.nan, "finite"),
                                ("learned_lr", None, "must be a number"), ("seed", -1, "seed"),
                                ("steps", 10**9, "steps"), ("steps", 2.5, "whole number"),
@@ -298,7 +301,8 @@ def test_nan_and_bad_numbers_are_refused_before_the_job(manager):
         message = studio.start(*{**values, key: bad}.values())
         assert message.startswith("⚠️") and expected in message, (key, bad, message)
     assert manager.current() is None
-    assert studio.set_cfg(math.nan).startswith("⚠️")
+    assert studio.set_cfg(math.nan)[0].startswith("⚠️") and studio.set_cfg("abc")[0].startswith("⚠️")
+    assert studio.set_cfg("inf")[1:] == ("inf", 4.0)  # before a run: the box and the slider take the weight
 
 
 def test_watch_sends_keys_and_the_timer_draw_runs_once_per_snapshot(manager):
@@ -325,7 +329,7 @@ def test_watch_sends_keys_and_the_timer_draw_runs_once_per_snapshot(manager):
     first = studio.draw(paused[5], request=watcher)
     again = studio.draw({}, request=owner)  # the same snapshot for another session: drawn once, shared
     assert again[0] is first[0] and all(a is b for a, b in zip(again[1:], first[1:]))
-    assert len(first) == 1 + len(PLOTS) and first[0].shape[2] == 3
+    assert len(first) == 2 + len(PLOTS) and first[0].shape[2] == 3 and "step" in first[-1]
     studio.stop(request=owner)
     job.thread.join(30)
 
@@ -335,7 +339,7 @@ def test_learned_rate_of_a_method_without_learned_parameters(manager):
     assert "Started run" in studio.start(*{**GOOD, "method": "sds"}.values())
     wait_for(lambda: manager.current().trainer is not None)
     assert "learns no parameters" in studio.set_learned_lr(1e-3)
-    assert "set to 30" in studio.set_cfg(30)
+    assert "set to 30" in studio.set_cfg(30)[0]
     assert [c["knob"] for c in manager.current().trainer.knob_changes] == ["cfg"]
 
 
@@ -495,21 +499,53 @@ def test_plot_frames_mark_knob_changes():
     history = [{"step": i, "loss": 1.0 / (i + 1), "cfg": 100.0 if i < 5 else 7.5} for i in range(1000)]
     history[3]["loss"] = math.nan
     changes = [{"step": 5, "knob": "cfg", "old": 100.0, "new": 7.5},
-               {"step": 9, "knob": "learned_lr", "old": None, "new": 1e-3}]
-    frame = metric_frame(history, changes, PLOTS[0], max_points=300)
-    metric = frame[frame.series == PLOTS[0].title]
+               {"step": 9, "knob": "learned_lr", "old": None, "new": 1e-3},
+               {"step": 20, "knob": "cfg", "old": 7.5, "new": math.inf}]
+    loss, cfg = PLOTS[0], next(p for p in PLOTS if p.key == "cfg")
+    frame = metric_frame(history, changes, loss, max_points=300)
+    metric = frame[frame.series == loss.title]
     assert len(metric) <= 301 and metric.step.iloc[-1] == 999 and metric.value.notna().all()
-    marks = frame[frame.series == KNOB_SERIES]
-    assert list(marks.step) == [5, 5, 5, 9, 9, 9]
-    assert list(marks.change[:3]) == ["CFG 100 → 7.5 @ 5"] * 3
-    assert marks.change.iloc[-1] == "learned lr default → 0.001 @ 9"
-    assert marks.value.min() < metric.value.min() <= metric.value.max() < marks.value.max()
-    assert set(plot_colors(PLOTS[0])) == {PLOTS[0].title, KNOB_SERIES}
-    quiet = metric_frame(history, [], PLOTS[0])
-    assert (quiet.series == KNOB_SERIES).sum() == 1  # the series exists from the first update on
-    empty = metric_frame(history, changes, PLOTS[-1])  # a metric this run does not have: invisible points
-    assert list(empty.columns) == ["step", "value", "series", "change"]
-    assert list(empty.series) == [PLOTS[-1].title, KNOB_SERIES] and len(empty) == 2
+    # the loss is drawn as its log10; the tooltip column keeps the value itself
+    assert metric.value.iloc[-1] == pytest.approx(math.log10(1 / 1000)) and metric.shown.iloc[-1] == "0.001"
+    # each change is its own two-point series, named by what changed: separate marks, never one band
+    names = mark_names(changes)
+    assert names == ["w 100 → 7.5 @ 5", "learned lr default → 0.001 @ 9", "w 7.5 → ∞ @ 20"]
+    for name, step in zip(names, (5, 9, 20)):
+        mark = frame[frame.series == name]
+        assert list(mark.step) == [step, step] and mark.value.min() < metric.value.min()
+        assert mark.value.max() > metric.value.max()
+    assert list(plot_colors(loss, changes)) == [loss.title, *names]
+    assert len(set(plot_colors(loss, changes).values())) == 4
+    linear = metric_frame(history, changes[:1], cfg)
+    assert set(linear[linear.series == cfg.title].value) == {100.0, 7.5}  # not every plot is a log plot
+    quiet = metric_frame(history, [], loss)
+    assert set(quiet.series) == {loss.title}
+    empty = metric_frame(history, changes, PLOTS[-1])  # a metric this run does not have: one invisible point
+    assert list(empty.columns) == ["step", "value", "series", "shown"] and len(empty) == 1
+    assert metric_frame([{"step": 1, "loss": -2.0}], [], loss).series.tolist() == [loss.title]  # no log of <= 0
+
+
+def test_plots_that_do_not_apply_to_the_method_are_hidden():
+    shown = {m: {p.key for p in PLOTS if p.applies(m, "gs")} for m in ("sds", "lods-embed", "lods-lora", "vsd")}
+    assert shown["sds"] == {"loss", "cfg", "saturation", "floater_score"}
+    assert shown["lods-embed"] == shown["sds"] | {"update_loss", "embedding_distance"}
+    assert shown["lods-lora"] == shown["vsd"] == shown["sds"] | {"update_loss"}
+    assert "floater_score" not in {p.key for p in PLOTS if p.applies("sds", "image")}
+
+
+def test_render_history_keeps_the_frames_around_each_knob_change():
+    from app.history import Frame, history_html, pick_frames
+
+    frames = [Frame(step, 100.0 if step <= 50 else 7.5, f"data:image/png;base64,{step}") for step in range(0, 301, 10)]
+    changes = [{"step": 50, "knob": "cfg", "old": 100.0, "new": 7.5}]
+    picked = pick_frames(frames, changes, max_frames=8)
+    steps = [f.step for f in picked]
+    assert len(picked) == 8 and steps == sorted(steps) and steps[0] == 0 and steps[-1] == 300
+    assert 50 in steps and 60 in steps  # the last frame before the change and the first after it, side by side
+    strip = history_html(frames, changes, max_frames=8)
+    before, mark = strip.index("step 50 · w 100"), strip.index("w 100 → 7.5 @ 50")
+    assert before < mark < strip.index("step 60 · w 7.5") and strip.count("<figure") == 8
+    assert "fills in" in history_html([], [])
 
 
 def test_viewer_hook(monkeypatch, manager):
@@ -654,16 +690,28 @@ def test_comparison_job_round_robin_export_and_controls(manager, tiny_prior):
 
 def test_compare_tab_callbacks(manager):
     studio = Studio(manager, AppSettings(run_overrides={**OVERRIDES, "snapshot_every": 1}))
-    preset = Studio.compare_preset("cfg-sweep")
-    assert preset == ("lods-embed", "30", "lods-embed", "100", "lods-embed", "1000", "lods-embed", "inf")
-    assert Studio.compare_preset("cfg-vs-lods")[6:] == ("off", "100")
+    from app.compare_tab import COMPARE_PRESETS_SHOWN
+    from lods.runs.lessons import LESSONS
+
+    preset = Studio.compare_slots("cfg-vs-lods")
+    assert preset == ("sds", "100", "lods-embed", "100", "lods-embed", "inf", "off", "100")
+    # every lesson is a preset: its slots, steps, backbone and the sentence of what to look for
+    assert list(COMPARE_PRESETS_SHOWN)[: len(LESSONS)] == list(LESSONS)
+    for name, lesson in LESSONS.items():
+        *slots, steps, backbone, look = Studio.compare_preset(name)
+        assert [slots[2 * i] for i in range(len(lesson.slots))] == [s.method for s in lesson.slots]
+        assert steps == lesson.steps and backbone == lesson.backbone and lesson.look_for.split()[0] in look
+        off = [slots[2 * i + 1]["visible"] for i in range(len(slots) // 2) if slots[2 * i] == "off"]
+        assert not any(off)  # an "off" slot hides its CFG weight
+    assert Studio.compare_slot_changed("off")["visible"] is False and Studio.compare_slot_changed("sds")["visible"]
     bad = studio.compare_start("a red cube", "toy", "image", 3, 0, "sds", "abc", "lods-embed", "100",
                                "off", "100", "off", "100")
     assert bad.startswith("⚠️") and "CFG" in bad
     one = studio.compare_start("a red cube", "toy", "image", 3, 0, "sds", "100", *["off", "100"] * 3)
     assert one.startswith("⚠️") and "2 to 4" in one
     assert manager.current() is None
-    ok = studio.compare_start("a red cube", "toy", "image", 3, 0, *preset, request=types.SimpleNamespace(
+    sweep = ("lods-embed", "30", "lods-embed", "100", "lods-embed", "1000", "lods-embed", "inf")
+    ok = studio.compare_start("a red cube", "toy", "image", 3, 0, *sweep, request=types.SimpleNamespace(
         session_hash="teacher"))
     assert "Started comparison" in ok and "4 runs" in ok
     job = manager.current()
@@ -671,7 +719,9 @@ def test_compare_tab_callbacks(manager):
     job.thread.join(30)
     status, gallery, table, files, view = studio.compare_poll({})
     assert "Done" in status and "Comparison of 4 runs" in status
-    assert len(gallery) == 4 and gallery[0][1] == "lods-embed · CFG 30" and gallery[3][1] == "lods-embed · CFG ∞"
+    # one pane per run, its views in a row at the Studio previews' size
+    assert gallery.count("<figure") == 4 and "lods-embed · CFG 30 · step 3" in gallery
+    assert gallery.index("CFG 30") < gallery.index("CFG ∞")
     assert [row[1] for row in table["data"]] == [3, 3, 3, 3]
     assert table["headers"][0] == "run" and len(files) >= 4
     import gradio as gr
