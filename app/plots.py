@@ -82,7 +82,7 @@ def _fmt(v: Any) -> str:
     if v is None:
         return "default"
     if isinstance(v, float):
-        return "∞" if math.isinf(v) else f"{v:.3g}"
+        return "∞" if math.isinf(v) else f"{v:.6g}"
     return str(v)
 
 

@@ -200,16 +200,30 @@ class StudioTab:
     # ------------------------------------------------------------------ other controls
 
     @staticmethod
-    def method_changed(method: Any, prior: Any) -> tuple[Any, Any]:
-        """The learned-rate box and the ∞ button follow the method (``learns``, ``finite_cfg_only``)."""
+    def method_changed(method: Any, prior: Any, learned_lr: Any = None) -> tuple[Any, Any]:
+        """The learned-rate box and the ∞ button follow the method (``learns``, ``finite_cfg_only``); the rate
+        becomes the method's default unless the box holds a rate someone typed (no method's default)."""
+        rules = StudioTab.method_rules(method)
+        defaults = {default_learned_lr(m, p) for m in APP_METHODS for p in (prior, "toy")}
+        if learned_lr in (None, "") or learned_lr in defaults:
+            return gr.update(value=default_learned_lr(method, prior), **_fields(rules[0])), rules[1]
+        return rules
+
+    @staticmethod
+    def method_rules(method: Any) -> tuple[Any, Any]:
+        """The learned-rate box and the ∞ button follow a method set by Reset or a reload (values kept)."""
         learns = learns_parameters(method)
         finite = method in METHODS and METHODS[method].finite_cfg_only
-        return (gr.update(value=default_learned_lr(method, prior), interactive=learns,
+        return (gr.update(interactive=learns,
                           info="alpha or LoRA step size (live)" if learns else "this method learns no parameters"),
                 gr.update(interactive=not finite))
 
     @staticmethod
-    def backbone_changed(backbone: Any) -> Any:
+    def backbone_changed(backbone: Any, steps: Any = None) -> Any:
+        """The steps become the backbone's default, unless the box holds a number someone typed."""
+        defaults = {DEFAULTS.steps, *(preset.get("steps") for preset in PRESETS.values())}
+        if steps not in (None, "") and steps not in defaults:
+            return gr.skip()
         return gr.update(value=PRESETS.get(backbone, {}).get("steps", DEFAULTS.steps))
 
     def release(self, request: gr.Request = None) -> None:
@@ -339,6 +353,10 @@ class StudioTab:
         if "phase" in changed:
             model, files, *buttons = self._phase_outputs(job, kept, me)[:-1]
         return (status, renders, model, *plots, strip, files, *buttons, view)
+
+
+def _fields(update: dict) -> dict:
+    return {k: v for k, v in update.items() if k != "__type__"}
 
 
 def _slider(weight: float) -> float:

@@ -163,9 +163,14 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
         lr_scale.release(on_event_loop(studio.set_lr_scale), lr_scale, note, api_name="set_lr_scale", **quick)
         gr.on([learned_lr.submit, learned_lr.blur], on_event_loop(studio.set_learned_lr), learned_lr, note,
               api_name="set_learned_lr", **quick)
-        gr.on([method.change, prior.change], studio.method_changed, [method, prior], [learned_lr, s["cfg_quick"][-1]],
+        # A method or backbone the person picks brings its defaults; one set by Reset or by a reload (the run's
+        # own values) only its rules (whether it learns parameters, takes CFG inf).
+        gr.on([method.select, prior.select], studio.method_changed, [method, prior, learned_lr],
+              [learned_lr, s["cfg_quick"][-1]],
               api_visibility="private", **quick)
-        backbone.change(studio.backbone_changed, backbone, steps, api_visibility="private", **quick)
+        method.change(studio.method_rules, method, [learned_lr, s["cfg_quick"][-1]], api_visibility="private",
+                      **quick)
+        backbone.select(studio.backbone_changed, [backbone, steps], steps, api_visibility="private", **quick)
         prompt.change(None, prompt, c_prompt, js="(text) => text", api_visibility="private", queue=False)
         c_preset.change(studio.compare_preset, c_preset, [*slot_inputs, c_steps, c_backbone, c_look_for],
                         api_visibility="private", **quick)

@@ -7,6 +7,7 @@ step on one CPU thread.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -78,15 +79,15 @@ def manager(prior_factory):
     jobs.shutdown()
 
 
-@pytest.fixture(scope="module")
-def server(prior_factory):
+@contextlib.contextmanager
+def serve(prior_factory, **settings):
     """The app on a free loopback port, as a public server would show it (allow-list only)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
         mp.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.5")  # notice a closed tab quickly
         jobs = JobManager(prior_factory=prior_factory, join_timeout=20)
         settings = AppSettings(policy=ModelPolicy(allowed=("toy", "sd21"), custom_ids=False),
-                               run_overrides=OVERRIDES, unload_grace_s=0)
+                               run_overrides=OVERRIDES, **{"unload_grace_s": 0, **settings})
         demo = build_demo(jobs, settings)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -98,6 +99,12 @@ def server(prior_factory):
         finally:
             jobs.shutdown()
             demo.close()
+
+
+@pytest.fixture(scope="module")
+def server(prior_factory):
+    with serve(prior_factory) as served:
+        yield served
 
 
 def client(url: str):
@@ -611,9 +618,7 @@ def test_page_in_a_browser(server):
     playwright = pytest.importorskip("playwright.sync_api")
     url, jobs = server
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                    args=["--no-sandbox", "--headless", "--disable-gpu",
-                                          "--disable-background-networking"])
+        browser = _browser(p)
         try:
             page = browser.new_page()
             page.goto(url)
@@ -630,6 +635,72 @@ def test_page_in_a_browser(server):
             page.wait_for_selector("#status :text('Stopped')", timeout=20_000)
             page.wait_for_selector("#files [aria-label='image.png']", timeout=20_000)
             assert job.config.prompt == "a blue sphere" and not job.thread.is_alive()
+        finally:
+            browser.close()
+
+
+def _browser(p):
+    return p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                             args=["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking"])
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs /usr/bin/chromium")
+def test_typed_cfg_applies_on_enter_and_previews_are_large(prior_factory):
+    """Type a CFG weight and press Enter: the notice, the status line and the next plotted step show the typed
+    weight (not the previous one); the previews measure at least 256 px per view on a 1400 px wide page; a
+    reload keeps the run its own and the controls show it."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    with serve(prior_factory, unload_grace_s=20.0) as (url, jobs), playwright.sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("#start", timeout=30_000)
+            assert page.locator("#stop").is_disabled() and page.locator("#pause").is_disabled()
+            assert page.locator("#start").bounding_box()["y"] + 40 <= 1000  # Start above the fold
+            page.get_by_label("2D image").check()
+            page.wait_for_function("() => document.querySelector('#steps input').value === '500'", timeout=10_000)
+            page.locator("#steps input").fill("3000")  # after the backbone's default arrived
+            page.locator("#start").click()
+            page.wait_for_selector("#status :text('Running')", timeout=20_000)
+            job = jobs.current()
+            assert job.config.steps == 3000 and job.config.backbone == "image"
+            wait_for(lambda: job.trainer is not None and job.trainer.step >= 2)
+            page.locator("#start:disabled").wait_for(timeout=10_000)  # your run goes: Start waits, Stop is there
+            page.locator("#stop:enabled").wait_for(timeout=10_000)
+
+            box = page.locator("#cfg input, #cfg textarea").first
+            for typed in ("7.5", "1000"):  # twice: the second must not apply the first
+                box.fill(typed)
+                box.press("Enter")
+                page.wait_for_selector(f"#notice :text('CFG weight set to {typed};')", timeout=10_000)
+                page.wait_for_selector(f"#status :text('CFG {typed},')", timeout=10_000)
+                change = wait_for(lambda t=typed: [c for c in job.trainer.knob_changes if c["new"] == float(t)])[0]
+                # the next plotted step: the CFG plot's mark and the history strip's frame after the change
+                page.wait_for_selector(f"#plot-cfg :text('→ {typed} @ {change['step']}')", timeout=20_000)
+                page.wait_for_selector(f"#history :text('· w {typed}')", timeout=20_000)
+                after = [h["cfg"] for h in job.snapshot().history if h["step"] > change["step"]]
+                assert after and after[0] == float(typed)
+            assert [c["new"] for c in job.trainer.knob_changes] == [7.5, 1000.0]
+
+            views = len(job.snapshot().previews)
+            shown = page.locator("#renders img").bounding_box()
+            cols = min(2, views)  # two views a row (a 2D run has one)
+            assert (shown["width"] - 4 * (cols - 1)) / cols >= 256, shown
+            natural = page.locator("#renders img").evaluate("img => img.naturalWidth")
+            assert natural >= cols * 256
+
+            page.reload()  # the browser's owner token keeps the run its own
+            page.wait_for_function("() => { const s = document.querySelector('#status')?.innerText || '';"
+                                   " return s.includes('Running') && !s.includes('read-only'); }", timeout=20_000)
+            page.wait_for_function("() => document.querySelector('#cfg input, #cfg textarea').value === '1000'",
+                                   timeout=10_000)
+            assert page.locator("#steps input").input_value() == "3000"
+            assert job.active and job.owner.startswith("browser:")
+            page.locator("#stop").click()
+            page.wait_for_selector("#notice :text('its result files are below')", timeout=30_000)
+            page.locator("#start:enabled").wait_for(timeout=10_000)
+            assert page.locator("#stop").is_disabled()
         finally:
             browser.close()
 
