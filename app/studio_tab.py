@@ -143,9 +143,11 @@ class StudioTab:
         return (*controls, message, *self._cleared(), {"dismissed": dismissed})
 
     def run_controls(self, view: dict | None, request: gr.Request = None) -> tuple:
-        """The setup controls showing the run this page displays (after a reload); unchanged without one."""
-        job, _ = self._visible(dict(view or {}), self._session(request))
-        if job is None or job.is_comparison:
+        """The setup controls showing the run this page displays (after a reload): your own run, or another
+        session's run while it goes; unchanged otherwise (another session's finished run is only shown)."""
+        me = self._session(request)
+        job, _ = self._visible(dict(view or {}), me)
+        if job is None or job.is_comparison or (job.owner != me and not job.active):
             return tuple(gr.skip() for _ in range(12))
         c = job.config
         cfg, lr_scale, learned = job.knob("cfg"), job.knob("lr_scale"), job.knob("learned_lr")

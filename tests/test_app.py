@@ -879,17 +879,47 @@ def test_start_again_while_queued_keeps_the_place_and_kept_runs_are_capped(manag
 
 
 def test_file_urls_go_only_to_their_owner(manager):
+    import gradio as gr
+
     studio = Studio(manager, AppSettings(run_overrides=OVERRIDES))
     owner, watcher = types.SimpleNamespace(session_hash="owner"), types.SimpleNamespace(session_hash="watcher")
     assert "Started run" in studio.start(*{**GOOD, "steps": 2}.values(), request=owner)
     job = manager.current()
     job.thread.join(30)
-    model, files, _ = studio.draw_phase({}, request=owner)
+    model, files, pause, start, stop, reset, note = studio.draw_phase({}, request=owner)
     assert files and any(f.endswith("image.png") for f in files)
-    model, files, _ = studio.draw_phase({}, request=watcher)
-    assert files is None and model is None
+    # the run has ended: Start is back, Pause and Stop are off, Reset clears it; the notice says the files are here
+    assert start["interactive"] and not pause["interactive"] and not stop["interactive"] and reset["interactive"]
+    assert "result files are below" in note
+    model, files, *_, note = studio.draw_phase({}, request=watcher)
+    assert files is None and model is None and note == gr.skip()
     polled = studio.poll({}, request=watcher)
-    assert polled[2] is None and polled[-3] is None  # the 3D result and the files of the full poll
+    assert polled[2] is None and polled[-6] is None  # the 3D result and the files of the full poll
+
+
+def test_an_owner_token_keeps_the_run_across_a_reload(manager):
+    studio = Studio(manager, AppSettings(run_overrides=OVERRIDES, unload_grace_s=0.3))
+    first, reloaded, stranger = (types.SimpleNamespace(session_hash=h) for h in ("page-1", "page-2", "page-3"))
+    token = studio.claim("", request=first)  # a new browser gets a fresh random token
+    assert len(token) == 32 and studio.claim("", request=stranger) != token
+    assert studio.claim("../not-a-token", request=stranger) != "../not-a-token"
+    assert "Started run" in studio.start(*{**GOOD, "cfg": 42.0}.values(), request=first)
+    job = manager.current()
+    assert job.owner == f"browser:{token}"
+    assert studio.claim(token, request=reloaded) == token  # the reloaded page brings the token back
+    studio.release(request=first)  # the old page's unload: its run stays while the new page polls
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        status = studio.watch({}, {}, request=reloaded)[0]
+        time.sleep(0.05)
+    assert job.active and "read-only" not in status and "CFG 42" in status
+    assert "set to 30" in studio.set_cfg("30", request=reloaded)[0]
+    assert "another session" in studio.set_cfg("20", request=stranger)[0]
+    controls = studio.run_controls({}, request=reloaded)  # the reloaded page shows the run's own settings
+    assert controls[0] == GOOD["prompt"] and controls[6] == "30" and controls[7] == pytest.approx(math.log10(30))
+    studio.stop(request=reloaded)
+    job.thread.join(30)
+    assert job.phase == "stopped"
 
 
 def test_reset_removes_gradios_cached_copies(manager, tmp_path, monkeypatch):
