@@ -32,7 +32,7 @@ CSS = """
 #renders img { image-rendering: pixelated; max-width: 100%; height: auto; object-fit: contain; }
 #renders .image-container, #renders .image-frame { height: auto; }
 #cfg-log input[type="number"] { display: none; }
-.lods-history { display: flex; gap: 6px; overflow-x: auto; align-items: flex-start; padding: 4px 0; }
+.lods-history { display: flex; flex-wrap: wrap; gap: 6px; align-items: flex-start; padding: 4px 0; }
 .lods-history-head { font-size: 0.85em; opacity: 0.8; margin-top: 6px; }
 .lods-frame { margin: 0; text-align: center; font-size: 0.75em; flex: 0 0 auto; }
 .lods-frame img { width: 96px; height: 96px; image-rendering: pixelated; display: block; }
