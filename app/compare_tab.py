@@ -22,7 +22,7 @@ from lods.runs.compare import MAX_RUNS, Slot, comparison_configs
 from lods.runs.compare import PRESETS as COMPARE_PRESETS
 from lods.runs.lessons import LESSONS
 
-PANE_SIDE = 256  # each view of a pane is sent enlarged (nearest) to this many pixels, as the Studio previews
+PANE_VIEW_PX = 300  # each view of a pane is drawn this wide (pixelated), about the Studio previews' size
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,8 @@ class CompareTab:
             judged = "–"
             if snap is not None:
                 caption = f"{row['label']} · step {snap.step}"
-                gallery.append((preview_grid(snap.previews, min_side=PANE_SIDE, cols=len(snap.previews)), caption))
+                views = len(snap.previews)
+                gallery.append((preview_grid(snap.previews, min_side=1, cols=views, gap=1), caption, views))
                 align = alignment_metrics(config.prompt, config.prior, snap.previews)
                 if align:
                     judged = f"{align['views_judged_right']} / {len(snap.previews)}"
@@ -170,7 +171,7 @@ class CompareTab:
             rows.append([row["label"], row["step"], f"{row['it_per_s']:.2f}", num(row["saturation"]),
                          num(row["clipped"]), num(row["floater_score"]), num(row["embedding_distance"]), judged])
         files = [str(p) for p in job.files] or None
-        panes = image_panel(gallery, "lods-pane") if gallery else ""
+        panes = image_panel(gallery, "lods-pane", PANE_VIEW_PX) if gallery else ""
         return panes, {"headers": COMPARE_COLUMNS, "data": rows}, files
 
     def compare_poll(self, view: dict | None, request: gr.Request = None) -> tuple:

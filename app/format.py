@@ -40,7 +40,7 @@ CSS = """
   font-size: 0.75em; padding: 2px 4px; max-width: 90px; }
 .lods-pane { margin: 0 0 10px 0; }
 .lods-pane figcaption { font-weight: 600; margin-bottom: 2px; }
-.lods-pane img { image-rendering: pixelated; width: 100%; max-width: 1100px; height: auto; display: block; }
+.lods-pane img { image-rendering: pixelated; max-width: 100%; height: auto; display: block; }
 """
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]#|~$])")
 

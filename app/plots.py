@@ -171,8 +171,11 @@ def png_data_uri(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def image_panel(images: Sequence[tuple[np.ndarray, str]], elem_class: str) -> str:
-    """HTML of captioned images, one per row, drawn pixelated at their full width (the Compare panes)."""
+def image_panel(images: Sequence[tuple[np.ndarray, str, int]], elem_class: str, view_px: int = 300) -> str:
+    """HTML of captioned images (image, caption, number of views side by side), one per row, each drawn
+    pixelated at ``view_px`` pixels per view (narrower only where the page is): the Compare panes. The
+    images go out at their own resolution; the browser enlarges them without smoothing."""
     rows = [f'<figure class="{elem_class}"><figcaption>{html.escape(caption)}</figcaption>'
-            f'<img src="{png_data_uri(image)}" alt="{html.escape(caption)}"></figure>' for image, caption in images]
+            f'<img src="{png_data_uri(image)}" alt="{html.escape(caption)}" style="width: {views * view_px}px">'
+            f"</figure>" for image, caption, views in images]
     return "".join(rows)

@@ -31,7 +31,7 @@ from app.format import BACKBONE_LABELS, METHOD_LABELS, notice, queue_text, resul
 from app.history import history_html
 from app.jobs import Job, NotOwner, one_line
 from app.plots import PLOTS, mark_names, metric_frame, placeholder_frame, plot_colors, preview_grid
-from app.sessions import cached_copies
+from app.sessions import cached_copies, session_of
 from lods.config import KNOB_LABELS
 from lods.errors import UserError
 from lods.guidance import METHODS
@@ -236,6 +236,7 @@ class StudioTab:
         one (its owner token comes back from the browser's storage, :meth:`app.ui.Studio.claim`).
         """
         session, closed_at = self._who(request), time.monotonic()
+        self._owners.pop(session_of(request), None)  # that page is gone; a reload claims its token again
 
         def stop_if_gone() -> None:
             if self._seen.get(session, 0.0) <= closed_at:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import socket
 import time
 import types
@@ -792,7 +793,9 @@ def test_compare_tab_callbacks(manager):
     assert "Done" in status and "Comparison of 4 runs" in status
     # one pane per run, its views in a row at the Studio previews' size
     assert gallery.count("<figure") == 4 and "lods-embed · CFG 30 · step 3" in gallery
-    assert gallery.index("CFG 30") < gallery.index("CFG ∞")
+    assert gallery.index("CFG 30") < gallery.index("CFG ∞") and gallery.count('style="width: 300px"') == 4
+    images = re.findall(r'src="(data:image/png;base64,[^"]+)"', gallery)
+    assert len(set(images)) == 4  # the runs ran to the end and their panes differ
     assert [row[1] for row in table["data"]] == [3, 3, 3, 3]
     assert table["headers"][0] == "run" and len(files) >= 4
     import gradio as gr
