@@ -311,6 +311,9 @@ def test_nan_and_bad_numbers_are_refused_before_the_job(manager):
     assert manager.current() is None
     assert studio.set_cfg(math.nan)[0].startswith("⚠️") and studio.set_cfg("abc")[0].startswith("⚠️")
     assert studio.set_cfg("inf")[1:] == ("inf", 4.0)  # before a run: the box and the slider take the weight
+    # the log-scale slider: released at log10 w, the weight rounded to two digits goes into the box
+    assert [studio.set_cfg_log(math.log10(w) + 0.001)[1] for w in (7.5, 30, 100, 1000)] == ["7.5", "30", "100", "1000"]
+    assert studio.set_cfg_log(None)[0].startswith("⚠️")
 
 
 def test_watch_sends_keys_and_the_timer_draw_runs_once_per_snapshot(manager):
