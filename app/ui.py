@@ -73,6 +73,11 @@ class Studio(StudioTab, CompareTab):
             self._owners[session] = "browser:" + token  # never equal to a plain session hash
         return token
 
+    def page_loaded(self, token: Any, request: gr.Request = None) -> tuple[str, Any]:
+        """The page's first event: its owner token claimed, then its timer started (no tick speaks for the page
+        before it is known as its owner)."""
+        return self.claim(token, request), gr.Timer(active=True)
+
     def _who(self, request: gr.Request | None) -> str:
         session = session_of(request)
         return self._owners.get(session, session)
@@ -184,7 +189,7 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
         compare_polled = [c_status, c_gallery, c_table, c_files, compare_view]
         # The timer only compares keys; each part of the page is drawn when its key (a gr.State) changes.
         snap_key, phase_key, compare_key = gr.State(None), gr.State(None), gr.State(None)
-        timer = gr.Timer(settings.poll_seconds)
+        timer = gr.Timer(settings.poll_seconds, active=False)  # ticks once the page has claimed its owner token
         timer.tick(on_event_loop(studio.watch), [view, compare_view],
                    [status, snap_key, phase_key, c_status, compare_key, view, compare_view, timer],
                    api_name="watch",
@@ -197,7 +202,7 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
         # The first load (and API clients) get everything at once: the browser's owner token first (a reloaded
         # page keeps its run), then the page, then the controls of the run it shows.
         token = gr.BrowserState("", storage_key=OWNER_KEY)
-        loaded = demo.load(studio.claim, token, token, api_visibility="private", **quick)
+        loaded = demo.load(studio.page_loaded, token, [token, timer], api_visibility="private", **quick)
         loaded.then(studio.poll, view, polled, api_name="poll", **quick).then(
             studio.run_controls, view, controls, api_visibility="private", **quick)
         demo.load(studio.compare_poll, compare_view, compare_polled, api_name="compare_poll", **quick)
