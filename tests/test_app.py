@@ -337,8 +337,16 @@ def test_watch_sends_keys_and_the_timer_draw_runs_once_per_snapshot(manager):
     paused = studio.watch(out[5], out[6], request=watcher)
     assert paused[2][:2] == (job.id, "paused")  # the phase key changed: files and the Pause label redraw
     assert studio.draw_phase(paused[5], request=owner)[2]["value"] == "Resume"
-    first = studio.draw(paused[5], request=watcher)
-    again = studio.draw({}, request=owner)  # the same snapshot for another session: drawn once, shared
+    wait_for(lambda: not job.trainer._resume_event.is_set())
+    with job.trainer.scene_lock:  # the step in flight when Pause arrived (and its snapshot) has finished
+        pass
+
+    def drawn_twice():  # the same snapshot for another session: drawn once, shared
+        snap = job.snapshot()
+        pair = studio.draw(paused[5], request=watcher), studio.draw({}, request=owner)
+        return pair if job.snapshot() is snap else None
+
+    first, again = wait_for(drawn_twice)
     assert again[0] is first[0] and all(a is b for a, b in zip(again[1:], first[1:]))
     assert len(first) == 2 + len(PLOTS) and first[0].shape[2] == 3 and "step" in first[-1]
     studio.stop(request=owner)
