@@ -7,6 +7,7 @@ lays out its components.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -14,16 +15,40 @@ import gradio as gr
 from app.config import APP_METHODS, MAX_TEXT, build_run_config, checked_cfg, default_learned_lr
 from app.format import BACKBONE_LABELS, METHOD_LABELS, md_text, notice, status_text
 from app.jobs import one_line
-from app.plots import preview_grid
+from app.plots import image_panel, preview_grid
 from lods.errors import UserError
 from lods.runs import alignment_metrics
 from lods.runs.compare import MAX_RUNS, Slot, comparison_configs
 from lods.runs.compare import PRESETS as COMPARE_PRESETS
+from lods.runs.lessons import LESSONS
 
-COMPARE_PRESET_LABELS = {
-    "cfg-vs-lods": "SDS at CFG 100 · LODS-embed at CFG 100 · LODS-embed at CFG ∞",
-    "cfg-sweep": "CFG sweep (the paper's Fig. 5): LODS-embed at CFG 30 · 100 · 1000 · ∞",
-}
+PANE_VIEW_PX = 300  # each view of a pane is drawn this wide (pixelated), about the Studio previews' size
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What the preset radio offers: a lesson (with its sentence, steps and backbone) or a plain set of slots."""
+
+    label: str
+    slots: tuple[Slot, ...]
+    look_for: str = ""
+    steps: int | None = None
+    backbone: str | None = None
+
+
+def _presets() -> dict[str, Preset]:
+    """The lessons (``lods.runs.lessons``) first, then the comparisons of ``lods.runs.compare.PRESETS`` that no
+    lesson of the same name replaces."""
+    presets = {name: Preset(f"Lesson: {lesson.title}", tuple(lesson.slots), lesson.look_for, lesson.steps,
+                            lesson.backbone) for name, lesson in LESSONS.items()}
+    for name, slots in COMPARE_PRESETS.items():
+        if name not in presets:
+            presets[name] = Preset(" · ".join(slot.label for slot in slots), tuple(slots))
+    return presets
+
+
+COMPARE_PRESETS_SHOWN = _presets()
+DEFAULT_PRESET = next(iter(COMPARE_PRESETS_SHOWN))
 COMPARE_CFG_CHOICES = ["7.5", "30", "100", "1000", "inf"]
 COMPARE_OFF = "off"
 COMPARE_COLUMNS = ["run", "step", "it/s", "saturation", "clipped", "floater score", "embedding distance",
@@ -36,9 +61,10 @@ class CompareTab:
     # ------------------------------------------------------------------ Compare tab
 
     @staticmethod
-    def compare_preset(preset: Any) -> tuple:
+    def compare_slots(preset: Any) -> tuple:
         """The slots of a preset: (method, CFG) for each of the ``MAX_RUNS`` rows; unused rows off."""
-        slots = COMPARE_PRESETS.get(preset, [])
+        chosen = COMPARE_PRESETS_SHOWN.get(preset)
+        slots = chosen.slots if chosen is not None else ()
         values: list[Any] = []
         for i in range(MAX_RUNS):
             if i < len(slots):
@@ -46,6 +72,25 @@ class CompareTab:
             else:
                 values += [COMPARE_OFF, "100"]
         return tuple(values)
+
+    @staticmethod
+    def compare_preset(preset: Any) -> tuple:
+        """A preset chosen: its slots (an "off" slot's CFG hidden), its steps and backbone (a lesson's), and the
+        sentence saying what to look for."""
+        chosen = COMPARE_PRESETS_SHOWN.get(preset)
+        values = CompareTab.compare_slots(preset)
+        slots = []
+        for method, cfg in zip(values[0::2], values[1::2]):
+            slots += [method, gr.update(value=cfg, visible=method != COMPARE_OFF)]
+        if chosen is None:
+            return (*slots, gr.skip(), gr.skip(), "")
+        look = f"**Look for:** {md_text(chosen.look_for)}" if chosen.look_for else ""
+        return (*slots, chosen.steps if chosen.steps else gr.skip(), chosen.backbone or gr.skip(), look)
+
+    @staticmethod
+    def compare_slot_changed(method: Any) -> Any:
+        """A slot turned "off" hides its CFG weight."""
+        return gr.update(visible=method not in (None, "", COMPARE_OFF))
 
     def compare_start(self, prompt: Any, prior: Any, backbone: Any, steps: Any, seed: Any, method1: Any, cfg1: Any,
                       method2: Any, cfg2: Any, method3: Any, cfg3: Any, method4: Any, cfg4: Any,
@@ -107,13 +152,15 @@ class CompareTab:
     def _compare_outputs(job: Any) -> tuple:
         comparison = job.comparison if job is not None else None
         if comparison is None:
-            return None, None, None
+            return "", None, None
         gallery, rows = [], []
         for config, trainer, row in zip(job.compare_configs, comparison.trainers, comparison.rows()):
             snap = trainer.latest()
             judged = "–"
             if snap is not None:
-                gallery.append((preview_grid(snap.previews, min_side=128, cols=2), row["label"]))
+                caption = f"{row['label']} · step {snap.step}"
+                views = len(snap.previews)
+                gallery.append((preview_grid(snap.previews, min_side=1, cols=views, gap=1), caption, views))
                 align = alignment_metrics(config.prompt, config.prior, snap.previews)
                 if align:
                     judged = f"{align['views_judged_right']} / {len(snap.previews)}"
@@ -124,7 +171,8 @@ class CompareTab:
             rows.append([row["label"], row["step"], f"{row['it_per_s']:.2f}", num(row["saturation"]),
                          num(row["clipped"]), num(row["floater_score"]), num(row["embedding_distance"]), judged])
         files = [str(p) for p in job.files] or None
-        return gallery or None, {"headers": COMPARE_COLUMNS, "data": rows}, files
+        panes = image_panel(gallery, "lods-pane", PANE_VIEW_PX) if gallery else ""
+        return panes, {"headers": COMPARE_COLUMNS, "data": rows}, files
 
     def compare_poll(self, view: dict | None, request: gr.Request = None) -> tuple:
         """status, gallery, table, files, view state of the Compare tab; unchanged parts skipped (the API's)."""
@@ -143,8 +191,9 @@ def compare_layout(settings: Any, defaults: Any) -> dict[str, Any]:
     d = defaults
     gr.Markdown(
         "Run 2 to 4 configurations on the same prompt and seed, one step of each in turn on this "
-        "device, and watch them side by side: SDS at a high CFG weight against LODS, or the CFG "
-        "sweep of the paper's Fig. 5 (low weights lack detail, very large ones make floaters)."
+        "device, and watch them side by side, each run's views at the size of the Studio previews. The "
+        "lessons each teach one thing in a couple of minutes and say what to look for; the prompt follows "
+        "the Studio tab's."
     )
     compare_view = gr.State({})
     with gr.Row():
@@ -153,14 +202,16 @@ def compare_layout(settings: Any, defaults: Any) -> dict[str, Any]:
         c_prior = gr.Dropdown(list(settings.policy.allowed), value=settings.default_prior,
                               label="Prior", scale=1)
     with gr.Row():
-        c_backbone = gr.Radio([(v, k) for k, v in BACKBONE_LABELS.items()], value=d.backbone,
+        first = COMPARE_PRESETS_SHOWN[DEFAULT_PRESET]
+        c_backbone = gr.Radio([(v, k) for k, v in BACKBONE_LABELS.items()], value=first.backbone or d.backbone,
                               label="Backbone")
-        c_steps = gr.Number(value=300, precision=0, label="Steps (each run)", elem_id="compare-steps")
+        c_steps = gr.Number(value=first.steps or 300, precision=0, label="Steps (each run)", elem_id="compare-steps")
         c_seed = gr.Number(value=d.seed, precision=0, label="Seed")
-    c_preset = gr.Radio([(v, k) for k, v in COMPARE_PRESET_LABELS.items()], value="cfg-vs-lods",
-                        label="Preset", elem_id="compare-preset")
+    c_preset = gr.Radio([(p.label, k) for k, p in COMPARE_PRESETS_SHOWN.items()], value=DEFAULT_PRESET,
+                        label="Preset (a lesson sets its runs, steps and backbone)", elem_id="compare-preset")
+    c_look_for = gr.Markdown(CompareTab.compare_preset(DEFAULT_PRESET)[-1], elem_id="compare-look-for")
     slot_inputs: list[Any] = []
-    initial = CompareTab.compare_preset("cfg-vs-lods")
+    initial = CompareTab.compare_slots(DEFAULT_PRESET)
     with gr.Row():
         for i in range(MAX_RUNS):
             with gr.Column(min_width=160):
@@ -168,18 +219,18 @@ def compare_layout(settings: Any, defaults: Any) -> dict[str, Any]:
                     [(COMPARE_OFF, COMPARE_OFF)] + [(METHOD_LABELS.get(m, m), m) for m in APP_METHODS],
                     value=initial[2 * i], label=f"Run {i + 1}: method"))
                 slot_inputs.append(gr.Dropdown(COMPARE_CFG_CHOICES, value=initial[2 * i + 1],
-                                               allow_custom_value=True, label=f"Run {i + 1}: CFG"))
+                                               allow_custom_value=True, label=f"Run {i + 1}: CFG",
+                                               visible=initial[2 * i] != COMPARE_OFF))
     with gr.Row():
         c_start = gr.Button("Start comparison", variant="primary", elem_id="compare-start")
         c_pause = gr.Button("Pause / resume", elem_id="compare-pause")
         c_stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
     c_note = gr.Markdown("", elem_id="compare-notice")
     c_status = gr.Markdown("", elem_id="compare-status")
-    c_gallery = gr.Gallery(label="Latest renders, side by side", columns=MAX_RUNS, height="auto",
-                           elem_id="compare-gallery", interactive=False)
+    c_gallery = gr.HTML("", elem_id="compare-gallery")
     c_table = gr.Dataframe(headers=COMPARE_COLUMNS, label="Metrics (latest logged step)",
                            interactive=False, elem_id="compare-table")
     c_files = gr.File(label="Result files", file_count="multiple", interactive=False)
     return dict(compare_view=compare_view, prompt=c_prompt, prior=c_prior, backbone=c_backbone, steps=c_steps,
-                seed=c_seed, preset=c_preset, slots=slot_inputs, start=c_start, pause=c_pause, stop=c_stop,
-                note=c_note, status=c_status, gallery=c_gallery, table=c_table, files=c_files)
+                seed=c_seed, preset=c_preset, look_for=c_look_for, slots=slot_inputs, start=c_start, pause=c_pause,
+                stop=c_stop, note=c_note, status=c_status, gallery=c_gallery, table=c_table, files=c_files)

@@ -101,15 +101,31 @@ def _text(value: Any, what: str) -> str:
     return " ".join(value.split())
 
 
+INF_WORDS = ("inf", "∞", "infinity")
+
+
 def page_knob(name: Any, value: Any) -> float:
-    """A number typed or dragged on the page for the live knob ``name``, with the page's one extra limit (a CFG
-    weight of at most ``CFG_MAX``; the Compare tab offers the infinite limit); ``Knobs.replace`` checks the rest."""
+    """A number typed or dragged on the page for the live knob ``name``, with the page's one extra limit (a finite
+    CFG weight of at most ``CFG_MAX``; "inf" or "∞" is the infinite limit, which ``check_cfg`` allows only for the
+    methods that take it); ``Knobs.replace`` checks the rest."""
     if name not in LIVE_KNOBS:
         raise UserError(f"unknown knob {name!r}; the live knobs are {', '.join(LIVE_KNOBS)}")
-    number = _number(value, KNOB_LABELS[name])
-    if name == "cfg" and number > CFG_MAX:
-        raise UserError(f"the CFG weight must be between 1 and {CFG_MAX:g}, not {value}")
+    if name == "cfg" and isinstance(value, str) and value.strip().lower() in INF_WORDS:
+        return math.inf
+    number = _number(value.strip() if isinstance(value, str) else value, KNOB_LABELS[name])
+    if name == "cfg" and math.isfinite(number) and number > CFG_MAX:
+        raise UserError(f"the CFG weight must be between 1 and {CFG_MAX:g} (or inf), not {value}")
     return number
+
+
+def cfg_text(value: float) -> str:
+    """How the CFG box writes a weight: ``100``, ``7.5``, ``inf``."""
+    return "inf" if math.isinf(value) else f"{value:g}"
+
+
+def round_weight(log10_w: float) -> float:
+    """The weight at ``log10_w`` on the log-scale slider, rounded to two significant digits (7.5, 30, 1000)."""
+    return min(CFG_MAX, max(1.0, float(f"{10 ** float(log10_w):.2g}")))
 
 
 def checked_cfg(value: Any, method: str | None = None) -> float:

@@ -28,8 +28,19 @@ STATE_LABELS = {
 CSS = """
 #notice p, #status p { margin: 0.2em 0; }
 #notice { min-height: 1.6em; }
-.lods-plots .block { min-width: 260px; }
-#renders img { image-rendering: pixelated; width: 100%; height: auto; }
+.lods-plots .block { min-width: 300px; }
+#renders img { image-rendering: pixelated; max-width: 100%; height: auto; object-fit: contain; }
+#renders .image-container, #renders .image-frame { height: auto; }
+#cfg-log input[type="number"] { display: none; }
+.lods-history { display: flex; flex-wrap: wrap; gap: 6px; align-items: flex-start; padding: 4px 0; }
+.lods-history-head { font-size: 0.85em; opacity: 0.8; margin-top: 6px; }
+.lods-frame { margin: 0; text-align: center; font-size: 0.75em; flex: 0 0 auto; }
+.lods-frame img { width: 96px; height: 96px; image-rendering: pixelated; display: block; }
+.lods-mark { flex: 0 0 auto; align-self: stretch; border-left: 3px solid #ea580c; color: #ea580c;
+  font-size: 0.75em; padding: 2px 4px; max-width: 90px; }
+.lods-pane { margin: 0 0 10px 0; }
+.lods-pane figcaption { font-weight: 600; margin-bottom: 2px; }
+.lods-pane img { image-rendering: pixelated; max-width: 100%; height: auto; display: block; }
 """
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]#|~$])")
 

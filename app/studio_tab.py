@@ -6,6 +6,7 @@ manager, the settings and the session); :func:`studio_layout` lays out its compo
 
 from __future__ import annotations
 
+import math
 import shutil
 import threading
 import time
@@ -15,14 +16,29 @@ from typing import Any
 
 import gradio as gr
 
-from app.config import APP_METHODS, CFG_MAX, MAX_TEXT, build_run_config, default_learned_lr, learns_parameters
+from app.config import (
+    APP_METHODS,
+    CFG_MAX,
+    MAX_TEXT,
+    build_run_config,
+    cfg_text,
+    default_learned_lr,
+    learns_parameters,
+    page_knob,
+    round_weight,
+)
 from app.format import BACKBONE_LABELS, METHOD_LABELS, notice, queue_text, result_model, status_text
+from app.history import history_html
 from app.jobs import Job, NotOwner, one_line
-from app.plots import PLOTS, metric_frame, placeholder_frame, plot_colors, preview_grid
+from app.plots import PLOTS, mark_names, metric_frame, placeholder_frame, plot_colors, preview_grid
 from app.sessions import cached_copies, session_of
 from lods.config import KNOB_LABELS
 from lods.errors import UserError
+from lods.guidance import METHODS
 from lods.runs import PRESETS
+
+CFG_QUICK = (7.5, 30.0, 100.0, 1000.0, math.inf)  # the one-click weights under the CFG box
+PREVIEW_SIDE = 320  # each preview view is sent enlarged (nearest) to at least this many pixels
 
 
 @dataclass(frozen=True)
@@ -120,8 +136,27 @@ class StudioTab:
                 shutil.rmtree(folder, ignore_errors=True)
         d = DEFAULTS
         controls = (d.prompt, d.negative_prompt, self.settings.default_prior, d.custom_model, d.backbone, d.method,
-                    d.cfg, d.lr_scale, gr.update(value=d.learned_lr, interactive=True), d.steps, d.seed)
+                    cfg_text(d.cfg), math.log10(d.cfg), d.lr_scale,
+                    gr.update(value=d.learned_lr, interactive=True), d.steps, d.seed)
+        if message:  # the run goes on: its view stays
+            return (*controls, message, *[gr.skip()] * (len(self._cleared())), {**view})
         return (*controls, message, *self._cleared(), {"dismissed": dismissed})
+
+    def run_controls(self, view: dict | None, request: gr.Request = None) -> tuple:
+        """The setup controls showing the run this page displays (after a reload): your own run, or another
+        session's run while it goes; unchanged otherwise (another session's finished run is only shown)."""
+        me = self._session(request)
+        job, _ = self._visible(dict(view or {}), me)
+        if job is None or job.is_comparison or (job.owner != me and not job.active):
+            return tuple(gr.skip() for _ in range(12))
+        c = job.config
+        cfg, lr_scale, learned = job.knob("cfg"), job.knob("lr_scale"), job.knob("learned_lr")
+        listed = c.prior in self.settings.policy.allowed
+        learns = learns_parameters(c.method)
+        return (c.prompt, c.negative_prompt, c.prior if listed else gr.skip(), "" if listed else c.prior,
+                c.backbone, c.method, cfg_text(cfg), _slider(cfg), lr_scale,
+                gr.update(value=learned if learned is not None else default_learned_lr(c.method, c.prior),
+                          interactive=learns), c.steps, c.seed)
 
     # ------------------------------------------------------------------ live knobs
 
@@ -132,10 +167,28 @@ class StudioTab:
             return notice(one_line(err), error=True)
         if job is None:
             return ""
-        return notice(f"{KNOB_LABELS[name]} set to {float(value):g}; it applies from the next step.")
+        return notice(f"{KNOB_LABELS[name]} set to {page_knob(name, value):g}; it applies from the next step.")
 
-    def set_cfg(self, value: Any, request: gr.Request = None) -> str:
-        return self._knob("cfg", value, request)
+    def set_cfg(self, value: Any, request: gr.Request = None) -> tuple[str, Any, Any]:
+        """Apply the weight typed in the CFG box (Enter or leaving the box): the notice, the box, the slider.
+
+        Before a run the weight only goes into the box and the slider (the next Start uses it)."""
+        try:
+            weight = page_knob("cfg", value)
+        except UserError as err:
+            return notice(one_line(err), error=True), gr.skip(), gr.skip()
+        message = self._knob("cfg", weight, request)
+        if message.startswith("⚠️"):
+            return message, gr.skip(), gr.skip()
+        return message, cfg_text(weight), _slider(weight)
+
+    def set_cfg_log(self, log10_w: Any, request: gr.Request = None) -> tuple[str, Any, Any]:
+        """The log-scale slider was released at ``log10_w``: its weight, rounded to two digits, applies."""
+        try:
+            weight = round_weight(float(log10_w))
+        except (TypeError, ValueError):
+            return notice("the CFG slider sent no number", error=True), gr.skip(), gr.skip()
+        return self.set_cfg(weight, request)
 
     def set_lr_scale(self, value: Any, request: gr.Request = None) -> str:
         return self._knob("lr_scale", value, request)
@@ -149,22 +202,41 @@ class StudioTab:
     # ------------------------------------------------------------------ other controls
 
     @staticmethod
-    def method_changed(method: Any, prior: Any) -> Any:
-        learns = learns_parameters(method)
-        return gr.update(value=default_learned_lr(method, prior), interactive=learns,
-                         info="alpha or LoRA step size (live)" if learns else "this method learns no parameters")
+    def method_changed(method: Any, prior: Any, learned_lr: Any = None) -> tuple[Any, Any]:
+        """The learned-rate box and the ∞ button follow the method (``learns``, ``finite_cfg_only``); the rate
+        becomes the method's default unless the box holds a rate someone typed (no method's default)."""
+        rules = StudioTab.method_rules(method)
+        defaults = {default_learned_lr(m, p) for m in APP_METHODS for p in (prior, "toy")}
+        if learned_lr in (None, "") or learned_lr in defaults:
+            return gr.update(value=default_learned_lr(method, prior), **_fields(rules[0])), rules[1]
+        return rules
 
     @staticmethod
-    def backbone_changed(backbone: Any) -> Any:
+    def method_rules(method: Any) -> tuple[Any, Any]:
+        """The learned-rate box and the ∞ button follow a method set by Reset or a reload (values kept)."""
+        learns = learns_parameters(method)
+        finite = method in METHODS and METHODS[method].finite_cfg_only
+        return (gr.update(interactive=learns,
+                          info="alpha or LoRA step size (live)" if learns else "this method learns no parameters"),
+                gr.update(interactive=not finite))
+
+    @staticmethod
+    def backbone_changed(backbone: Any, steps: Any = None) -> Any:
+        """The steps become the backbone's default, unless the box holds a number someone typed."""
+        defaults = {DEFAULTS.steps, *(preset.get("steps") for preset in PRESETS.values())}
+        if steps not in (None, "") and steps not in defaults:
+            return gr.skip()
         return gr.update(value=PRESETS.get(backbone, {}).get("steps", DEFAULTS.steps))
 
     def release(self, request: gr.Request = None) -> None:
         """The tab closed or reloaded: stop the run it owns, unless it polls again within the grace period.
 
         Gradio reports a closed tab when the page's heartbeat connection drops, which a network hiccup
-        also does; a tab that is still open keeps polling and so keeps its run.
+        also does; a tab that is still open keeps polling and so keeps its run, and so does a reloaded
+        one (its owner token comes back from the browser's storage, :meth:`app.ui.Studio.claim`).
         """
-        session, closed_at = session_of(request), time.monotonic()
+        session, closed_at = self._who(request), time.monotonic()
+        self._owners.pop(session_of(request), None)  # that page is gone; a reload claims its token again
 
         def stop_if_gone() -> None:
             if self._seen.get(session, 0.0) <= closed_at:
@@ -182,8 +254,9 @@ class StudioTab:
 
     def _cleared(self) -> tuple:
         """Idle values of the poll's outputs (without the view state)."""
-        plots = [placeholder_frame(spec) for spec in PLOTS]
-        return (status_text(None, ""), None, None, *plots, None, gr.update(value="Pause"))
+        plots = [_plot_update(spec, placeholder_frame(spec), [], True) for spec in PLOTS]
+        return (status_text(None, ""), None, None, *plots, history_html([], []), None,
+                *_buttons(None, ""))
 
     def _visible(self, view: dict, me: str) -> tuple[Any, Any]:
         """The job this session sees (None once it dismissed it) and its finished run kept with its files."""
@@ -201,7 +274,7 @@ class StudioTab:
 
     def _keys(self, view: dict, me: str) -> tuple[Any, Any, Any, dict[str, Any]]:
         """The job this session sees, its latest snapshot, the finished run it keeps, and comparable keys of
-        what the page shows: ``status``, ``snap`` (renders and plots) and ``phase`` (files, 3D, Pause label)."""
+        what the page shows: ``status``, ``snap`` (renders and plots) and ``phase`` (files, 3D, buttons)."""
         job, kept = self._visible(view, me)
         keys: dict[str, Any] = {"status": status_text(job, me) + queue_text(self.manager, me)}
         snap = job.snapshot() if job is not None else None
@@ -212,43 +285,56 @@ class StudioTab:
             keys["phase"] = (job.id, job.state, len(job.files), kept.id if kept else None)
         return job, snap, kept, keys
 
-    def _draw(self, key: Any, snap: Any) -> tuple[Any, list[Any]]:
-        """The preview image and the plot frames of a snapshot, made once however many sessions watch it.
+    def _draw(self, key: Any, job: Any, snap: Any) -> tuple[Any, list[Any], str]:
+        """The preview image, the plot updates and the render history of a snapshot, made once however many
+        sessions watch it.
 
-        The previews go out at their own resolution (the page enlarges them without smoothing), so
-        that every update carries a small PNG."""
+        The previews go out enlarged (nearest) to ``PREVIEW_SIDE`` pixels per view, two views a row, and
+        the page draws them pixelated; the plots that do not apply to the run's method are hidden."""
         with self._drawn_lock:
             if self._drawn[0] != key:
-                self._drawn = (key, (preview_grid(snap.previews, min_side=64),
-                                     [metric_frame(snap.history, snap.knob_changes, spec) for spec in PLOTS]))
+                method, backbone = job.config.method, job.config.backbone
+                changes = list(snap.knob_changes)
+                plots = [_plot_update(spec, metric_frame(snap.history, changes, spec), changes,
+                                      spec.applies(method, backbone)) for spec in PLOTS]
+                frames = self.history.frames(job.trainer) if job.trainer is not None else []
+                self._drawn = (key, (preview_grid(snap.previews, min_side=PREVIEW_SIDE, cols=2), plots,
+                                     history_html(frames, changes)))
             return self._drawn[1]
 
     def draw(self, view: dict | None, request: gr.Request = None) -> tuple:
-        """renders and plots of the latest snapshot (run when the snapshot key changes)."""
+        """renders, plots and render history of the latest snapshot (run when the snapshot key changes)."""
         job, _ = self._visible(dict(view or {}), self._session(request))
         snap = job.snapshot() if job is not None else None
         if snap is None:
-            return (None, *[placeholder_frame(spec) for spec in PLOTS])
-        renders, plots = self._draw(self._snap_key(job, snap), snap)
-        return (renders, *plots)
+            cleared = self._cleared()
+            return (None, *cleared[3:3 + len(PLOTS)], history_html([], []))
+        renders, plots, strip = self._draw(self._snap_key(job, snap), job, snap)
+        return (renders, *plots, strip)
 
     def draw_phase(self, view: dict | None, request: gr.Request = None) -> tuple:
-        """3D result, files, Pause label (run when the job's phase changes)."""
+        """3D result, files, the buttons' states and the notice (run when the job's phase changes)."""
         me = self._session(request)
         return self._phase_outputs(*self._visible(dict(view or {}), me), me)
 
     @staticmethod
     def _phase_outputs(job: Any, kept: Any, me: str) -> tuple:
+        """model, files, Pause, Start, Stop, Reset and the notice: once a run of yours has ended, the notice
+        no longer speaks of it stopping."""
         if job is None:
-            return None, None, gr.update(value="Pause")
+            return (None, None, *_buttons(None, me), gr.skip())
         # Your own last run's files only: another session's run shows its renders, never its file URLs.
         mine = kept if kept is not None else (job if job.owner == me else None)
         paths = [str(p) for p in mine.files] if mine is not None else []
         model = result_model(paths)
-        return model, paths or None, gr.update(value="Resume" if job.state == "paused" else "Pause")
+        note: Any = gr.skip()
+        if not job.active and job.owner == me:
+            note = notice(f"Run {job.id} {job.phase}; its result files are below.") if job.files else ""
+        return (model, paths or None, *_buttons(job, me), note)
 
     def poll(self, view: dict | None, request: gr.Request = None) -> tuple:
-        """status, renders, 3D result, the plots, files, pause label, view state; unchanged parts skipped.
+        """status, renders, 3D result, the plots, render history, files, buttons, view state; unchanged parts
+        skipped.
 
         Everything at once, for the page's first load and for API clients; the page's timer uses
         :meth:`watch` and the draw methods."""
@@ -257,61 +343,104 @@ class StudioTab:
         job, snap, kept, keys = self._keys(view, me)
         changed = {k for k, v in keys.items() if view.get(k) != v}
         view.update(keys)
+        n_out = len(self._cleared())
         if not changed:
-            return (*[gr.skip()] * (5 + len(PLOTS)), view)
+            return (*[gr.skip()] * n_out, view)
         if job is None:
             return (*self._cleared(), view)
         status = keys["status"] if "status" in changed else gr.skip()
-        renders, plots = gr.skip(), [gr.skip()] * len(PLOTS)
+        renders, plots, strip = gr.skip(), [gr.skip()] * len(PLOTS), gr.skip()
         if "snap" in changed and snap is not None:
-            renders, plots = self._draw(keys["snap"], snap)
-        model, files, pause = gr.skip(), gr.skip(), gr.skip()
+            renders, plots, strip = self._draw(keys["snap"], job, snap)
+        model, files, *buttons = [gr.skip()] * 6
         if "phase" in changed:
-            model, files, pause = self._phase_outputs(job, kept, me)
-        return (status, renders, model, *plots, files, pause, view)
+            model, files, *buttons = self._phase_outputs(job, kept, me)[:-1]
+        return (status, renders, model, *plots, strip, files, *buttons, view)
+
+
+def _fields(update: dict) -> dict:
+    return {k: v for k, v in update.items() if k != "__type__"}
+
+
+def _slider(weight: float) -> float:
+    """The log-scale slider's position for ``weight`` (its right end for the infinite weight)."""
+    return math.log10(min(weight, CFG_MAX))
+
+
+def _plot_update(spec: Any, frame: Any, changes: list, visible: bool) -> Any:
+    return gr.update(value=frame, visible=visible, color_map=plot_colors(spec, changes),
+                     colors_in_legend=mark_names(changes))
+
+
+def _buttons(job: Any, me: str) -> tuple:
+    """Pause (its label), Start, Stop and Reset as the displayed run allows: Start waits while your own run
+    goes (another session's Start queues), Pause and Stop need your active run, Reset a run to clear."""
+    yours = job is not None and job.owner == me
+    going = job is not None and job.active
+    return (gr.update(value="Resume" if going and job.state == "paused" else "Pause", interactive=yours and going),
+            gr.update(interactive=not (yours and going)),
+            gr.update(interactive=yours and going),
+            gr.update(interactive=job is not None and (yours or not going)))
+
+
+def _quick_label(weight: float) -> str:
+    return "∞" if math.isinf(weight) else f"{weight:g}"
 
 
 def studio_layout(settings: Any, defaults: Any) -> dict[str, Any]:
-    """The tab's components (inside ``gr.Tab("Studio")``), by name."""
+    """The tab's components (inside ``gr.Tab("Studio")``), by name.
+
+    Left: what a run is, then the live knobs, with Start within the first screen at 1400 x 1000. The CFG
+    weight is a box (Enter or leaving it applies what was typed), one-click weights, and a slider over
+    log10 w (released: the weight, to two digits, applies). Right: the previews, two views a row at 256 px
+    or more each, the render history, and the plots."""
     d = defaults
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
-            prompt = gr.Textbox(label="Prompt", value=d.prompt, lines=2, max_lines=4, max_length=MAX_TEXT,
+            prompt = gr.Textbox(label="Prompt", value=d.prompt, lines=1, max_lines=4, max_length=MAX_TEXT,
                                 elem_id="prompt")
-            negative = gr.Textbox(label="Negative prompt", value=d.negative_prompt, max_length=MAX_TEXT,
-                                  placeholder="empty: the null prompt, as in Stable Diffusion")
             with gr.Row():
                 prior = gr.Dropdown(list(settings.policy.allowed), value=settings.default_prior,
                                     label="Prior (diffusion model)", elem_id="prior")
-                custom = gr.Textbox(label="…or a Hugging Face model id", value=d.custom_model,
-                                    placeholder="owner/name", visible=settings.policy.custom_ids,
-                                    max_length=200)
+                method = gr.Dropdown([(METHOD_LABELS.get(m, m), m) for m in APP_METHODS], value=d.method,
+                                     label="Method", elem_id="method")
             backbone = gr.Radio([(v, k) for k, v in BACKBONE_LABELS.items()], value=d.backbone,
                                 label="Backbone")
-            method = gr.Dropdown([(METHOD_LABELS.get(m, m), m) for m in APP_METHODS], value=d.method,
-                                 label="Method")
-            cfg = gr.Slider(1, CFG_MAX, value=d.cfg, step=0.5, label="CFG weight w", info="live",
-                            elem_id="cfg")
+            with gr.Row(equal_height=True, elem_id="cfg-row"):
+                cfg = gr.Textbox(value=cfg_text(d.cfg), label="CFG weight w", info="live: type, press Enter",
+                                 max_length=24, elem_id="cfg", scale=1, min_width=130)
+                cfg_log = gr.Slider(0, math.log10(CFG_MAX), value=_slider(d.cfg), step=0.005,
+                                    label="…or drag (log scale)", info="1 · 10 · 100 · 1000 · 10000", buttons=[],
+                                    elem_id="cfg-log", scale=2, min_width=200)
+            with gr.Row(elem_id="cfg-quick-row"):
+                quick = [gr.Button(f"w = {_quick_label(w)}", size="sm", min_width=60, elem_classes="cfg-quick",
+                                   elem_id=f"cfg-{_quick_label(w).replace('.', '_').replace('∞', 'inf')}")
+                         for w in CFG_QUICK]
+            with gr.Row():
+                steps = gr.Number(value=d.steps, precision=0, label="Steps", elem_id="steps", min_width=100)
+                seed = gr.Number(value=d.seed, precision=0, label="Seed", min_width=100)
+            with gr.Row():
+                start_btn = gr.Button("Start", variant="primary", elem_id="start", min_width=70)
+                pause_btn = gr.Button("Pause", elem_id="pause", min_width=70, interactive=False)
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", min_width=70, interactive=False)
+                reset_btn = gr.Button("Reset", elem_id="reset", min_width=70, interactive=False)
+            note = gr.Markdown("", elem_id="notice")
             with gr.Row():
                 lr_scale = gr.Slider(0, 10, value=d.lr_scale, step=0.05,
                                      label="Scene learning-rate scale", info="live")
                 learned_lr = gr.Number(value=d.learned_lr, label="Learned-parameter learning rate",
                                        info="alpha or LoRA step size (live)", elem_id="learned-lr")
-            with gr.Row():
-                steps = gr.Number(value=d.steps, precision=0, label="Steps", elem_id="steps")
-                seed = gr.Number(value=d.seed, precision=0, label="Seed")
-            with gr.Row():
-                start_btn = gr.Button("Start", variant="primary", elem_id="start")
-                pause_btn = gr.Button("Pause", elem_id="pause")
-                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-                reset_btn = gr.Button("Reset", elem_id="reset")
-            note = gr.Markdown("", elem_id="notice")
-        with gr.Column(scale=3, min_width=420):
+            negative = gr.Textbox(label="Negative prompt", value=d.negative_prompt, max_length=MAX_TEXT,
+                                  placeholder="empty: the null prompt, as in Stable Diffusion")
+            custom = gr.Textbox(label="…or a Hugging Face model id", value=d.custom_model,
+                                placeholder="owner/name", visible=settings.policy.custom_ids, max_length=200)
+        with gr.Column(scale=3, min_width=560):
             status = gr.Markdown(status_text(None, ""), elem_id="status")
             with gr.Tabs():
                 with gr.Tab("Renders"):
-                    renders = gr.Image(label="Latest renders (preview views)", type="numpy", format="png",
-                                       interactive=False, elem_id="renders")
+                    renders = gr.Image(type="numpy", format="png", interactive=False, show_label=False,
+                                       buttons=[], elem_id="renders")
+                    history = gr.HTML(history_html([], []), elem_id="history")
                 with gr.Tab("3D"):
                     if settings.viewer_html:
                         gr.HTML(settings.viewer_html)
@@ -320,16 +449,19 @@ def studio_layout(settings: Any, defaults: Any) -> dict[str, Any]:
                     model3d = gr.Model3D(label="Result scene", interactive=False)
             with gr.Row(elem_classes="lods-plots"):
                 plots = [gr.LinePlot(placeholder_frame(spec), x="step", y="value", color="series",
-                                     title=spec.title, color_map=plot_colors(spec), tooltip="all",
-                                     height=220, x_title="step", y_title=spec.key, label=spec.title,
-                                     show_label=False, min_width=260)
+                                     title=spec.title, color_map=plot_colors(spec), colors_in_legend=[],
+                                     tooltip="all", height=240, x_title="step", y_title=spec.y_title,
+                                     color_title="marks", label=spec.title, show_label=False, min_width=300,
+                                     elem_id=f"plot-{spec.key}")
                          for spec in PLOTS]
             with gr.Accordion("What the plots show", open=False):
                 gr.Markdown("\n".join(f"- **{spec.title}**: {spec.caption}" for spec in PLOTS)
-                            + "\n- **knob change** (orange): a live change of CFG or a learning rate; "
-                              "hover a tooth to see which")
+                            + "\n- **marks** (orange, purple, green): a live change of CFG or a learning rate, "
+                              "named in the legend (`w 100 → 7.5 @ 120`: at step 120); a plot the method does "
+                              "not log is hidden")
             files = gr.File(label="Result files", file_count="multiple", interactive=False, elem_id="files")
     return dict(prompt=prompt, negative=negative, prior=prior, custom=custom, backbone=backbone, method=method,
-                cfg=cfg, lr_scale=lr_scale, learned_lr=learned_lr, steps=steps, seed=seed, start_btn=start_btn,
-                pause_btn=pause_btn, stop_btn=stop_btn, reset_btn=reset_btn, note=note, status=status,
-                renders=renders, model3d=model3d, plots=plots, files=files)
+                cfg=cfg, cfg_log=cfg_log, cfg_quick=quick, lr_scale=lr_scale, learned_lr=learned_lr, steps=steps,
+                seed=seed, start_btn=start_btn, pause_btn=pause_btn, stop_btn=stop_btn, reset_btn=reset_btn,
+                note=note, status=status, renders=renders, history=history, model3d=model3d, plots=plots,
+                files=files)

@@ -9,6 +9,8 @@ changed. Bad input never reaches the job: it becomes a one-line notice under the
 
 from __future__ import annotations
 
+import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,11 +19,17 @@ from typing import Any
 import gradio as gr
 
 from app.compare_tab import CompareTab, compare_layout
-from app.config import ModelPolicy
+from app.config import ModelPolicy, cfg_text
 from app.format import CSS, TITLE, md_text, result_model, status_text
+from app.history import RenderHistory
 from app.jobs import JobManager
 from app.sessions import on_event_loop, session_of
-from app.studio_tab import DEFAULTS, StudioTab, studio_layout
+from app.studio_tab import CFG_QUICK, DEFAULTS, StudioTab, studio_layout
+
+TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
+# While the log-scale slider is dragged, the CFG box shows its weight (two significant digits, as applied).
+CFG_DRAG_JS = "(x) => String(Math.min(10000, Math.max(1, Number(Math.pow(10, x).toPrecision(2)))))"
+OWNER_KEY = "lods-studio-owner"  # the browser storage key of the owner token
 
 __all__ = ["AppSettings", "Studio", "build_demo", "launch_options", "md_text", "result_model", "status_text"]
 
@@ -51,9 +59,31 @@ class Studio(StudioTab, CompareTab):
         self._seen: dict[str, float] = {}  # session -> time of its latest request (time.monotonic)
         self._drawn: tuple[Any, Any] = (None, None)  # (snapshot key, (renders, plots)): shared by every session
         self._drawn_lock = threading.Lock()
+        self._owners: dict[str, str] = {}  # Gradio session -> the browser's owner token (see claim)
+        self.history = RenderHistory()
+        manager.add_trainer_listener(self.history.follow)
+
+    def claim(self, token: Any, request: gr.Request = None) -> str:
+        """The page has loaded: its owner token, kept in the browser's storage (``gr.BrowserState``), names
+        this browser as the owner of its runs from now on, so that a reloaded page keeps its run (a new
+        browser gets a new random token). API clients that never call this are their Gradio session."""
+        token = token if isinstance(token, str) and TOKEN.fullmatch(token) else secrets.token_urlsafe(24)
+        session = session_of(request)
+        if session != "anonymous":
+            self._owners[session] = "browser:" + token  # never equal to a plain session hash
+        return token
+
+    def page_loaded(self, token: Any, request: gr.Request = None) -> tuple[str, Any]:
+        """The page's first event: its owner token claimed, then its timer started (no tick speaks for the page
+        before it is known as its owner)."""
+        return self.claim(token, request), gr.Timer(active=True)
+
+    def _who(self, request: gr.Request | None) -> str:
+        session = session_of(request)
+        return self._owners.get(session, session)
 
     def _session(self, request: gr.Request | None) -> str:
-        session = session_of(request)
+        session = self._who(request)
         self._seen[session] = time.monotonic()
         self.manager.touch(session)
         return session
@@ -102,32 +132,56 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
                 s = studio_layout(settings, d)
             with gr.Tab("Compare", elem_id="compare-tab"):
                 c = compare_layout(settings, d)
-        prompt, negative, prior, custom, backbone, method, cfg, lr_scale, learned_lr, steps, seed = (
-            s[k] for k in ("prompt", "negative", "prior", "custom", "backbone", "method", "cfg", "lr_scale",
-                           "learned_lr", "steps", "seed"))
+        prompt, negative, prior, custom, backbone, method, cfg, cfg_log, lr_scale, learned_lr, steps, seed = (
+            s[k] for k in ("prompt", "negative", "prior", "custom", "backbone", "method", "cfg", "cfg_log",
+                           "lr_scale", "learned_lr", "steps", "seed"))
         start_btn, pause_btn, stop_btn, reset_btn, note = (s[k] for k in ("start_btn", "pause_btn", "stop_btn",
                                                                             "reset_btn", "note"))
-        status, renders, model3d, plots, files = (s[k] for k in ("status", "renders", "model3d", "plots", "files"))
-        compare_view, c_prompt, c_prior, c_backbone, c_steps, c_seed, c_preset, slot_inputs = (
-            c[k] for k in ("compare_view", "prompt", "prior", "backbone", "steps", "seed", "preset", "slots"))
+        status, renders, history, model3d, plots, files = (
+            s[k] for k in ("status", "renders", "history", "model3d", "plots", "files"))
+        compare_view, c_prompt, c_prior, c_backbone, c_steps, c_seed, c_preset, slot_inputs, c_look_for = (
+            c[k] for k in ("compare_view", "prompt", "prior", "backbone", "steps", "seed", "preset", "slots",
+                           "look_for"))
         c_start, c_pause, c_stop, c_note, c_status, c_gallery, c_table, c_files = (
             c[k] for k in ("start", "pause", "stop", "note", "status", "gallery", "table", "files"))
 
         setup = [prompt, negative, prior, custom, backbone, method, cfg, lr_scale, learned_lr, steps, seed]
-        polled = [status, renders, model3d, *plots, files, pause_btn, view]
+        controls = [prompt, negative, prior, custom, backbone, method, cfg, cfg_log, lr_scale, learned_lr, steps,
+                    seed]
+        buttons = [pause_btn, start_btn, stop_btn, reset_btn]
+        polled = [status, renders, model3d, *plots, history, files, *buttons, view]
         quick: dict[str, Any] = {"show_progress": "hidden", "concurrency_limit": None}
         start_btn.click(studio.start, setup, note, api_name="start")
         pause_btn.click(studio.toggle_pause, None, [note, pause_btn], api_name="pause", **quick)
         stop_btn.click(studio.stop, None, note, api_name="stop", **quick)
-        reset_btn.click(studio.reset, view, [*setup, note, *polled], api_name="reset")
-        cfg.release(on_event_loop(studio.set_cfg), cfg, note, api_name="set_cfg", **quick)
+        reset_btn.click(studio.reset, view, [*controls, note, *polled], api_name="reset")
+        # The CFG weight: Enter or leaving the box applies what the box holds; the slider over log10 w shows the
+        # weight while it is dragged (in the browser) and applies it when released; the buttons apply theirs.
+        gr.on([cfg.submit, cfg.blur], on_event_loop(studio.set_cfg), cfg, [note, cfg, cfg_log], api_name="set_cfg",
+              **quick)
+        cfg_log.input(None, cfg_log, cfg, js=CFG_DRAG_JS, api_visibility="private", queue=False)
+        cfg_log.release(on_event_loop(studio.set_cfg_log), cfg_log, [note, cfg, cfg_log], api_name="set_cfg_log",
+                        **quick)
+        for button, weight in zip(s["cfg_quick"], CFG_QUICK):
+            button.click(on_event_loop(studio.set_cfg), gr.State(cfg_text(weight)), [note, cfg, cfg_log],
+                         api_visibility="private", **quick)
         lr_scale.release(on_event_loop(studio.set_lr_scale), lr_scale, note, api_name="set_lr_scale", **quick)
         gr.on([learned_lr.submit, learned_lr.blur], on_event_loop(studio.set_learned_lr), learned_lr, note,
               api_name="set_learned_lr", **quick)
-        gr.on([method.change, prior.change], studio.method_changed, [method, prior], learned_lr,
+        # A method or backbone the person picks brings its defaults; one set by Reset or by a reload (the run's
+        # own values) only its rules (whether it learns parameters, takes CFG inf).
+        gr.on([method.select, prior.select], studio.method_changed, [method, prior, learned_lr],
+              [learned_lr, s["cfg_quick"][-1]],
               api_visibility="private", **quick)
-        backbone.change(studio.backbone_changed, backbone, steps, api_visibility="private", **quick)
-        c_preset.change(studio.compare_preset, c_preset, slot_inputs, api_visibility="private", **quick)
+        method.change(studio.method_rules, method, [learned_lr, s["cfg_quick"][-1]], api_visibility="private",
+                      **quick)
+        backbone.select(studio.backbone_changed, [backbone, steps], steps, api_visibility="private", **quick)
+        prompt.change(None, prompt, c_prompt, js="(text) => text", api_visibility="private", queue=False)
+        c_preset.change(studio.compare_preset, c_preset, [*slot_inputs, c_steps, c_backbone, c_look_for],
+                        api_visibility="private", **quick)
+        for i in range(0, len(slot_inputs), 2):
+            slot_inputs[i].change(studio.compare_slot_changed, slot_inputs[i], slot_inputs[i + 1],
+                                  api_visibility="private", **quick)
         c_start.click(studio.compare_start, [c_prompt, c_prior, c_backbone, c_steps, c_seed, *slot_inputs], c_note,
                       api_name="compare_start")
         c_pause.click(studio.compare_pause, None, c_note, api_name="compare_pause", **quick)
@@ -135,17 +189,22 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
         compare_polled = [c_status, c_gallery, c_table, c_files, compare_view]
         # The timer only compares keys; each part of the page is drawn when its key (a gr.State) changes.
         snap_key, phase_key, compare_key = gr.State(None), gr.State(None), gr.State(None)
-        timer = gr.Timer(settings.poll_seconds)
+        timer = gr.Timer(settings.poll_seconds, active=False)  # ticks once the page has claimed its owner token
         timer.tick(on_event_loop(studio.watch), [view, compare_view],
                    [status, snap_key, phase_key, c_status, compare_key, view, compare_view, timer],
                    api_name="watch",
                    trigger_mode="always_last", **quick)
-        snap_key.change(studio.draw, view, [renders, *plots], api_name="draw", trigger_mode="always_last", **quick)
-        phase_key.change(studio.draw_phase, view, [model3d, files, pause_btn], api_name="draw_phase", **quick)
+        snap_key.change(studio.draw, view, [renders, *plots, history], api_name="draw", trigger_mode="always_last",
+                        **quick)
+        phase_key.change(studio.draw_phase, view, [model3d, files, *buttons, note], api_name="draw_phase", **quick)
         compare_key.change(studio.compare_draw, None, [c_gallery, c_table, c_files], api_name="compare_draw",
                            trigger_mode="always_last", **quick)
-        # The first load (and API clients) get everything at once.
-        demo.load(studio.poll, view, polled, api_name="poll", **quick)
+        # The first load (and API clients) get everything at once: the browser's owner token first (a reloaded
+        # page keeps its run), then the page, then the controls of the run it shows.
+        token = gr.BrowserState("", storage_key=OWNER_KEY)
+        loaded = demo.load(studio.page_loaded, token, [token, timer], api_visibility="private", **quick)
+        loaded.then(studio.poll, view, polled, api_name="poll", **quick).then(
+            studio.run_controls, view, controls, api_visibility="private", **quick)
         demo.load(studio.compare_poll, compare_view, compare_polled, api_name="compare_poll", **quick)
         if on_load_js:
             demo.load(None, js=on_load_js)

@@ -7,8 +7,10 @@ step on one CPU thread.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
 import socket
 import time
 import types
@@ -20,8 +22,8 @@ import torch
 
 from app.config import ModelPolicy, build_run_config, restricted_server
 from app.jobs import JobManager, NotOwner
-from app.plots import KNOB_SERIES, PLOTS, metric_frame, plot_colors, preview_grid
-from app.ui import AppSettings, Studio, build_demo, md_text, status_text
+from app.plots import PLOTS, mark_names, metric_frame, plot_colors, preview_grid
+from app.ui import AppSettings, Studio, build_demo, launch_options, md_text, status_text
 from lods.errors import UserError
 from lods.priors.base import PriorError
 
@@ -78,25 +80,32 @@ def manager(prior_factory):
     jobs.shutdown()
 
 
-@pytest.fixture(scope="module")
-def server(prior_factory):
+@contextlib.contextmanager
+def serve(prior_factory, **settings):
     """The app on a free loopback port, as a public server would show it (allow-list only)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
         mp.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.5")  # notice a closed tab quickly
         jobs = JobManager(prior_factory=prior_factory, join_timeout=20)
         settings = AppSettings(policy=ModelPolicy(allowed=("toy", "sd21"), custom_ids=False),
-                               run_overrides=OVERRIDES, unload_grace_s=0)
+                               run_overrides=OVERRIDES, **{"unload_grace_s": 0, **settings})
         demo = build_demo(jobs, settings)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
+                    **launch_options())
         try:
             yield f"http://127.0.0.1:{port}/", jobs
         finally:
             jobs.shutdown()
             demo.close()
+
+
+@pytest.fixture(scope="module")
+def server(prior_factory):
+    with serve(prior_factory) as served:
+        yield served
 
 
 def client(url: str):
@@ -141,12 +150,12 @@ def test_run_live_knobs_second_session_and_stop(server):
         assert "your run is queued (position 1 of 1)" in b.predict(api_name="/poll")[0]
         assert "1 run queued" in a.predict(api_name="/poll")[0]
         assert "another session" in b.predict(api_name="/stop")
-        assert "another session" in b.predict(20, api_name="/set_cfg")
+        assert "another session" in b.predict(20, api_name="/set_cfg")[0]
         status_b = b.predict(api_name="/poll")[0]
         assert "Running" in status_b and "read-only" in status_b
 
         # the owner turns the CFG weight: applied within a step, recorded, marked on the plots
-        assert "set to 20" in a.predict(20, api_name="/set_cfg")
+        assert "set to 20" in a.predict(20, api_name="/set_cfg")[0]
         assert "set to 0.5" in a.predict(0.5, api_name="/set_lr_scale")
         step = job.trainer.step
         wait_for(lambda: (s := job.snapshot()) is not None and len(s.knob_changes) == 2 and s.step > step + 2)
@@ -157,8 +166,9 @@ def test_run_live_knobs_second_session_and_stop(server):
         plots = plots_and_rest[: len(PLOTS)]
         assert "read-only" not in status and Path(renders).is_file()
         cfg_plot = plots[[p.key for p in PLOTS].index("cfg")]
-        assert plot_column(cfg_plot, "series") == {"Effective CFG weight", "knob change"}
-        assert {c for c in plot_column(cfg_plot, "change") if c.startswith("CFG 50 → 20 @")}
+        series = plot_column(cfg_plot, "series")
+        assert "Effective CFG weight" in series and len(series) == 3  # the metric and one mark per change
+        assert {c for c in series if c.startswith("w 50 → 20 @")} and {c for c in series if c.startswith("scene lr")}
 
         # pause holds the step count; resume goes on
         assert "Paused" in str(a.predict(api_name="/pause"))
@@ -187,7 +197,7 @@ def test_run_live_knobs_second_session_and_stop(server):
 
         # Reset by the other session stops its run and deletes the folder; the first one's kept files go
         # when that session resets or starts again
-        assert "another session" in attempt(a.predict, api_name="/reset")[11]
+        assert "another session" in attempt(a.predict, api_name="/reset")[12]
         assert not job.out_dir.exists()
         b.predict(api_name="/reset")
         assert not second.thread.is_alive() and jobs.current() is None and not second.out_dir.exists()
@@ -214,7 +224,8 @@ def test_bad_input_gives_one_line_and_spares_the_running_job(server):
                 ({"steps": 0}, "steps must be"),
                 ({"custom_model": "someone/model"}, "only loads the listed models"),
                 ({"custom_model": "../../etc"}, "only loads the listed models"),
-                ({"cfg": 50000}, "greater than maximum"),  # the slider's own bound check
+                ({"cfg": 50000}, "between 1 and 10000"),
+                ({"cfg": "inf", "method": "sds"}, "diverges at an infinite CFG weight"),
                 ({"lr_scale": -1}, "less than minimum"),
                 ({"prior": "evil/model"}, "evil/model"),
             ]:
@@ -289,7 +300,7 @@ def test_closing_the_tab_stops_its_run(server):
 def test_nan_and_bad_numbers_are_refused_before_the_job(manager):
     studio = Studio(manager, AppSettings(run_overrides=OVERRIDES))
     values = dict(GOOD)
-    for key, bad, expected in [("cfg", math.nan, "CFG weight"), ("cfg", math.inf, "between 1 and"),
+    for key, bad, expected in [("cfg", math.nan, "CFG weight"), ("cfg", 20000.0, "between 1 and"),
                                ("cfg", 0.5, "CFG weight"), ("lr_scale", math.nan, "finite"),
                                ("learned_lr", None, "must be a number"), ("seed", -1, "seed"),
                                ("steps", 10**9, "steps"), ("steps", 2.5, "whole number"),
@@ -298,7 +309,11 @@ def test_nan_and_bad_numbers_are_refused_before_the_job(manager):
         message = studio.start(*{**values, key: bad}.values())
         assert message.startswith("⚠️") and expected in message, (key, bad, message)
     assert manager.current() is None
-    assert studio.set_cfg(math.nan).startswith("⚠️")
+    assert studio.set_cfg(math.nan)[0].startswith("⚠️") and studio.set_cfg("abc")[0].startswith("⚠️")
+    assert studio.set_cfg("inf")[1:] == ("inf", 4.0)  # before a run: the box and the slider take the weight
+    # the log-scale slider: released at log10 w, the weight rounded to two digits goes into the box
+    assert [studio.set_cfg_log(math.log10(w) + 0.001)[1] for w in (7.5, 30, 100, 1000)] == ["7.5", "30", "100", "1000"]
+    assert studio.set_cfg_log(None)[0].startswith("⚠️")
 
 
 def test_watch_sends_keys_and_the_timer_draw_runs_once_per_snapshot(manager):
@@ -322,10 +337,18 @@ def test_watch_sends_keys_and_the_timer_draw_runs_once_per_snapshot(manager):
     paused = studio.watch(out[5], out[6], request=watcher)
     assert paused[2][:2] == (job.id, "paused")  # the phase key changed: files and the Pause label redraw
     assert studio.draw_phase(paused[5], request=owner)[2]["value"] == "Resume"
-    first = studio.draw(paused[5], request=watcher)
-    again = studio.draw({}, request=owner)  # the same snapshot for another session: drawn once, shared
+    wait_for(lambda: not job.trainer._resume_event.is_set())
+    with job.trainer.scene_lock:  # the step in flight when Pause arrived (and its snapshot) has finished
+        pass
+
+    def drawn_twice():  # the same snapshot for another session: drawn once, shared
+        snap = job.snapshot()
+        pair = studio.draw(paused[5], request=watcher), studio.draw({}, request=owner)
+        return pair if job.snapshot() is snap else None
+
+    first, again = wait_for(drawn_twice)
     assert again[0] is first[0] and all(a is b for a, b in zip(again[1:], first[1:]))
-    assert len(first) == 1 + len(PLOTS) and first[0].shape[2] == 3
+    assert len(first) == 2 + len(PLOTS) and first[0].shape[2] == 3 and "step" in first[-1]
     studio.stop(request=owner)
     job.thread.join(30)
 
@@ -335,7 +358,7 @@ def test_learned_rate_of_a_method_without_learned_parameters(manager):
     assert "Started run" in studio.start(*{**GOOD, "method": "sds"}.values())
     wait_for(lambda: manager.current().trainer is not None)
     assert "learns no parameters" in studio.set_learned_lr(1e-3)
-    assert "set to 30" in studio.set_cfg(30)
+    assert "set to 30" in studio.set_cfg(30)[0]
     assert [c["knob"] for c in manager.current().trainer.knob_changes] == ["cfg"]
 
 
@@ -495,21 +518,53 @@ def test_plot_frames_mark_knob_changes():
     history = [{"step": i, "loss": 1.0 / (i + 1), "cfg": 100.0 if i < 5 else 7.5} for i in range(1000)]
     history[3]["loss"] = math.nan
     changes = [{"step": 5, "knob": "cfg", "old": 100.0, "new": 7.5},
-               {"step": 9, "knob": "learned_lr", "old": None, "new": 1e-3}]
-    frame = metric_frame(history, changes, PLOTS[0], max_points=300)
-    metric = frame[frame.series == PLOTS[0].title]
+               {"step": 9, "knob": "learned_lr", "old": None, "new": 1e-3},
+               {"step": 20, "knob": "cfg", "old": 7.5, "new": math.inf}]
+    loss, cfg = PLOTS[0], next(p for p in PLOTS if p.key == "cfg")
+    frame = metric_frame(history, changes, loss, max_points=300)
+    metric = frame[frame.series == loss.title]
     assert len(metric) <= 301 and metric.step.iloc[-1] == 999 and metric.value.notna().all()
-    marks = frame[frame.series == KNOB_SERIES]
-    assert list(marks.step) == [5, 5, 5, 9, 9, 9]
-    assert list(marks.change[:3]) == ["CFG 100 → 7.5 @ 5"] * 3
-    assert marks.change.iloc[-1] == "learned lr default → 0.001 @ 9"
-    assert marks.value.min() < metric.value.min() <= metric.value.max() < marks.value.max()
-    assert set(plot_colors(PLOTS[0])) == {PLOTS[0].title, KNOB_SERIES}
-    quiet = metric_frame(history, [], PLOTS[0])
-    assert (quiet.series == KNOB_SERIES).sum() == 1  # the series exists from the first update on
-    empty = metric_frame(history, changes, PLOTS[-1])  # a metric this run does not have: invisible points
-    assert list(empty.columns) == ["step", "value", "series", "change"]
-    assert list(empty.series) == [PLOTS[-1].title, KNOB_SERIES] and len(empty) == 2
+    # the loss is drawn as its log10; the tooltip column keeps the value itself
+    assert metric.value.iloc[-1] == pytest.approx(math.log10(1 / 1000)) and metric.shown.iloc[-1] == "0.001"
+    # each change is its own two-point series, named by what changed: separate marks, never one band
+    names = mark_names(changes)
+    assert names == ["w 100 → 7.5 @ 5", "learned lr default → 0.001 @ 9", "w 7.5 → ∞ @ 20"]
+    for name, step in zip(names, (5, 9, 20)):
+        mark = frame[frame.series == name]
+        assert list(mark.step) == [step, step] and mark.value.min() < metric.value.min()
+        assert mark.value.max() > metric.value.max()
+    assert list(plot_colors(loss, changes)) == [loss.title, *names]
+    assert len(set(plot_colors(loss, changes).values())) == 4
+    linear = metric_frame(history, changes[:1], cfg)
+    assert set(linear[linear.series == cfg.title].value) == {100.0, 7.5}  # not every plot is a log plot
+    quiet = metric_frame(history, [], loss)
+    assert set(quiet.series) == {loss.title}
+    empty = metric_frame(history, changes, PLOTS[-1])  # a metric this run does not have: one invisible point
+    assert list(empty.columns) == ["step", "value", "series", "shown"] and len(empty) == 1
+    assert metric_frame([{"step": 1, "loss": -2.0}], [], loss).series.tolist() == [loss.title]  # no log of <= 0
+
+
+def test_plots_that_do_not_apply_to_the_method_are_hidden():
+    shown = {m: {p.key for p in PLOTS if p.applies(m, "gs")} for m in ("sds", "lods-embed", "lods-lora", "vsd")}
+    assert shown["sds"] == {"loss", "cfg", "saturation", "floater_score"}
+    assert shown["lods-embed"] == shown["sds"] | {"update_loss", "embedding_distance"}
+    assert shown["lods-lora"] == shown["vsd"] == shown["sds"] | {"update_loss"}
+    assert "floater_score" not in {p.key for p in PLOTS if p.applies("sds", "image")}
+
+
+def test_render_history_keeps_the_frames_around_each_knob_change():
+    from app.history import Frame, history_html, pick_frames
+
+    frames = [Frame(step, 100.0 if step <= 50 else 7.5, f"data:image/png;base64,{step}") for step in range(0, 301, 10)]
+    changes = [{"step": 50, "knob": "cfg", "old": 100.0, "new": 7.5}]
+    picked = pick_frames(frames, changes, max_frames=8)
+    steps = [f.step for f in picked]
+    assert len(picked) == 8 and steps == sorted(steps) and steps[0] == 0 and steps[-1] == 300
+    assert 50 in steps and 60 in steps  # the last frame before the change and the first after it, side by side
+    strip = history_html(frames, changes, max_frames=8)
+    before, mark = strip.index("step 50 · w 100"), strip.index("w 100 → 7.5 @ 50")
+    assert before < mark < strip.index("step 60 · w 7.5") and strip.count("<figure") == 8
+    assert "fills in" in history_html([], [])
 
 
 def test_viewer_hook(monkeypatch, manager):
@@ -575,9 +630,7 @@ def test_page_in_a_browser(server):
     playwright = pytest.importorskip("playwright.sync_api")
     url, jobs = server
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                    args=["--no-sandbox", "--headless", "--disable-gpu",
-                                          "--disable-background-networking"])
+        browser = _browser(p)
         try:
             page = browser.new_page()
             page.goto(url)
@@ -594,6 +647,72 @@ def test_page_in_a_browser(server):
             page.wait_for_selector("#status :text('Stopped')", timeout=20_000)
             page.wait_for_selector("#files [aria-label='image.png']", timeout=20_000)
             assert job.config.prompt == "a blue sphere" and not job.thread.is_alive()
+        finally:
+            browser.close()
+
+
+def _browser(p):
+    return p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                             args=["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking"])
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs /usr/bin/chromium")
+def test_typed_cfg_applies_on_enter_and_previews_are_large(prior_factory):
+    """Type a CFG weight and press Enter: the notice, the status line and the next plotted step show the typed
+    weight (not the previous one); the previews measure at least 256 px per view on a 1400 px wide page; a
+    reload keeps the run its own and the controls show it."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    with serve(prior_factory, unload_grace_s=20.0) as (url, jobs), playwright.sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("#start", timeout=30_000)
+            assert page.locator("#stop").is_disabled() and page.locator("#pause").is_disabled()
+            assert page.locator("#start").bounding_box()["y"] + 40 <= 1000  # Start above the fold
+            page.get_by_label("2D image").check()
+            page.wait_for_function("() => document.querySelector('#steps input').value === '500'", timeout=10_000)
+            page.locator("#steps input").fill("3000")  # after the backbone's default arrived
+            page.locator("#start").click()
+            page.wait_for_selector("#status :text('Running')", timeout=20_000)
+            job = jobs.current()
+            assert job.config.steps == 3000 and job.config.backbone == "image"
+            wait_for(lambda: job.trainer is not None and job.trainer.step >= 2)
+            page.locator("#start:disabled").wait_for(timeout=10_000)  # your run goes: Start waits, Stop is there
+            page.locator("#stop:enabled").wait_for(timeout=10_000)
+
+            box = page.locator("#cfg input, #cfg textarea").first
+            for typed in ("7.5", "1000"):  # twice: the second must not apply the first
+                box.fill(typed)
+                box.press("Enter")
+                page.wait_for_selector(f"#notice :text('CFG weight set to {typed};')", timeout=10_000)
+                page.wait_for_selector(f"#status :text('CFG {typed},')", timeout=10_000)
+                change = wait_for(lambda t=typed: [c for c in job.trainer.knob_changes if c["new"] == float(t)])[0]
+                # the next plotted step: the CFG plot's mark and the history strip's frame after the change
+                page.wait_for_selector(f"#plot-cfg :text('→ {typed} @ {change['step']}')", timeout=20_000)
+                page.wait_for_selector(f"#history :text('· w {typed}')", timeout=20_000)
+                after = [h["cfg"] for h in job.snapshot().history if h["step"] > change["step"]]
+                assert after and after[0] == float(typed)
+            assert [c["new"] for c in job.trainer.knob_changes] == [7.5, 1000.0]
+
+            views = len(job.snapshot().previews)
+            shown = page.locator("#renders img").bounding_box()
+            cols = min(2, views)  # two views a row (a 2D run has one)
+            assert (shown["width"] - 4 * (cols - 1)) / cols >= 256, shown
+            natural = page.locator("#renders img").evaluate("img => img.naturalWidth")
+            assert natural >= cols * 256
+
+            page.reload()  # the browser's owner token keeps the run its own
+            page.wait_for_function("() => { const s = document.querySelector('#status')?.innerText || '';"
+                                   " return s.includes('Running') && !s.includes('read-only'); }", timeout=20_000)
+            page.wait_for_function("() => document.querySelector('#cfg input, #cfg textarea').value === '1000'",
+                                   timeout=10_000)
+            assert page.locator("#steps input").input_value() == "3000"
+            assert job.active and job.owner.startswith("browser:")
+            page.locator("#stop").click()
+            page.wait_for_selector("#notice :text('its result files are below')", timeout=30_000)
+            page.locator("#start:enabled").wait_for(timeout=10_000)
+            assert page.locator("#stop").is_disabled()
         finally:
             browser.close()
 
@@ -654,16 +773,28 @@ def test_comparison_job_round_robin_export_and_controls(manager, tiny_prior):
 
 def test_compare_tab_callbacks(manager):
     studio = Studio(manager, AppSettings(run_overrides={**OVERRIDES, "snapshot_every": 1}))
-    preset = Studio.compare_preset("cfg-sweep")
-    assert preset == ("lods-embed", "30", "lods-embed", "100", "lods-embed", "1000", "lods-embed", "inf")
-    assert Studio.compare_preset("cfg-vs-lods")[6:] == ("off", "100")
+    from app.compare_tab import COMPARE_PRESETS_SHOWN
+    from lods.runs.lessons import LESSONS
+
+    preset = Studio.compare_slots("cfg-vs-lods")
+    assert preset == ("sds", "100", "lods-embed", "100", "lods-embed", "inf", "off", "100")
+    # every lesson is a preset: its slots, steps, backbone and the sentence of what to look for
+    assert list(COMPARE_PRESETS_SHOWN)[: len(LESSONS)] == list(LESSONS)
+    for name, lesson in LESSONS.items():
+        *slots, steps, backbone, look = Studio.compare_preset(name)
+        assert [slots[2 * i] for i in range(len(lesson.slots))] == [s.method for s in lesson.slots]
+        assert steps == lesson.steps and backbone == lesson.backbone and lesson.look_for.split()[0] in look
+        off = [slots[2 * i + 1]["visible"] for i in range(len(slots) // 2) if slots[2 * i] == "off"]
+        assert not any(off)  # an "off" slot hides its CFG weight
+    assert Studio.compare_slot_changed("off")["visible"] is False and Studio.compare_slot_changed("sds")["visible"]
     bad = studio.compare_start("a red cube", "toy", "image", 3, 0, "sds", "abc", "lods-embed", "100",
                                "off", "100", "off", "100")
     assert bad.startswith("⚠️") and "CFG" in bad
     one = studio.compare_start("a red cube", "toy", "image", 3, 0, "sds", "100", *["off", "100"] * 3)
     assert one.startswith("⚠️") and "2 to 4" in one
     assert manager.current() is None
-    ok = studio.compare_start("a red cube", "toy", "image", 3, 0, *preset, request=types.SimpleNamespace(
+    sweep = ("lods-embed", "30", "lods-embed", "100", "lods-embed", "1000", "lods-embed", "inf")
+    ok = studio.compare_start("a red cube", "toy", "image", 3, 0, *sweep, request=types.SimpleNamespace(
         session_hash="teacher"))
     assert "Started comparison" in ok and "4 runs" in ok
     job = manager.current()
@@ -671,7 +802,11 @@ def test_compare_tab_callbacks(manager):
     job.thread.join(30)
     status, gallery, table, files, view = studio.compare_poll({})
     assert "Done" in status and "Comparison of 4 runs" in status
-    assert len(gallery) == 4 and gallery[0][1] == "lods-embed · CFG 30" and gallery[3][1] == "lods-embed · CFG ∞"
+    # one pane per run, its views in a row at the Studio previews' size
+    assert gallery.count("<figure") == 4 and "lods-embed · CFG 30 · step 3" in gallery
+    assert gallery.index("CFG 30") < gallery.index("CFG ∞") and gallery.count('style="width: 300px"') == 4
+    images = re.findall(r'src="(data:image/png;base64,[^"]+)"', gallery)
+    assert len(set(images)) == 4  # the runs ran to the end and their panes differ
     assert [row[1] for row in table["data"]] == [3, 3, 3, 3]
     assert table["headers"][0] == "run" and len(files) >= 4
     import gradio as gr
@@ -758,17 +893,47 @@ def test_start_again_while_queued_keeps_the_place_and_kept_runs_are_capped(manag
 
 
 def test_file_urls_go_only_to_their_owner(manager):
+    import gradio as gr
+
     studio = Studio(manager, AppSettings(run_overrides=OVERRIDES))
     owner, watcher = types.SimpleNamespace(session_hash="owner"), types.SimpleNamespace(session_hash="watcher")
     assert "Started run" in studio.start(*{**GOOD, "steps": 2}.values(), request=owner)
     job = manager.current()
     job.thread.join(30)
-    model, files, _ = studio.draw_phase({}, request=owner)
+    model, files, pause, start, stop, reset, note = studio.draw_phase({}, request=owner)
     assert files and any(f.endswith("image.png") for f in files)
-    model, files, _ = studio.draw_phase({}, request=watcher)
-    assert files is None and model is None
+    # the run has ended: Start is back, Pause and Stop are off, Reset clears it; the notice says the files are here
+    assert start["interactive"] and not pause["interactive"] and not stop["interactive"] and reset["interactive"]
+    assert "result files are below" in note
+    model, files, *_, note = studio.draw_phase({}, request=watcher)
+    assert files is None and model is None and note == gr.skip()
     polled = studio.poll({}, request=watcher)
-    assert polled[2] is None and polled[-3] is None  # the 3D result and the files of the full poll
+    assert polled[2] is None and polled[-6] is None  # the 3D result and the files of the full poll
+
+
+def test_an_owner_token_keeps_the_run_across_a_reload(manager):
+    studio = Studio(manager, AppSettings(run_overrides=OVERRIDES, unload_grace_s=0.3))
+    first, reloaded, stranger = (types.SimpleNamespace(session_hash=h) for h in ("page-1", "page-2", "page-3"))
+    token = studio.claim("", request=first)  # a new browser gets a fresh random token
+    assert len(token) == 32 and studio.claim("", request=stranger) != token
+    assert studio.claim("../not-a-token", request=stranger) != "../not-a-token"
+    assert "Started run" in studio.start(*{**GOOD, "cfg": 42.0}.values(), request=first)
+    job = manager.current()
+    assert job.owner == f"browser:{token}"
+    assert studio.claim(token, request=reloaded) == token  # the reloaded page brings the token back
+    studio.release(request=first)  # the old page's unload: its run stays while the new page polls
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        status = studio.watch({}, {}, request=reloaded)[0]
+        time.sleep(0.05)
+    assert job.active and "read-only" not in status and "CFG 42" in status
+    assert "set to 30" in studio.set_cfg("30", request=reloaded)[0]
+    assert "another session" in studio.set_cfg("20", request=stranger)[0]
+    controls = studio.run_controls({}, request=reloaded)  # the reloaded page shows the run's own settings
+    assert controls[0] == GOOD["prompt"] and controls[6] == "30" and controls[7] == pytest.approx(math.log10(30))
+    studio.stop(request=reloaded)
+    job.thread.join(30)
+    assert job.phase == "stopped"
 
 
 def test_reset_removes_gradios_cached_copies(manager, tmp_path, monkeypatch):
