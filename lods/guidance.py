@@ -136,6 +136,9 @@ def _flat_dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() * b.double()).sum())
 
 
+EFF_CFG_MAX_INV = 1e-4
+
+
 def effective_cfg(direction: torch.Tensor, denoising: torch.Tensor, classifier: torch.Tensor) -> tuple[float, float]:
     """The weight w' of plain SDS whose direction is closest to ``direction``, and the share of it explained.
 
@@ -143,8 +146,9 @@ def effective_cfg(direction: torch.Tensor, denoising: torch.Tensor, classifier: 
     ``denoising`` + w' ``classifier``. The closest such direction, up to scale, is the least-squares fit
     ``direction`` ~ a ``denoising`` + b ``classifier`` (two regressors, closed form); w' = b / a. For SDS
     itself (and SDS-norm, which is Eq. 3 divided by w) the fit is exact and w' = w. Returns (w', R^2);
-    w' is NaN where the fit has no positive denoising part (a <= 0: no SDS weight points that way,
-    e.g. the normalized estimators at w = inf, where the denoising term vanishes).
+    w' is NaN where the fit has (next to) no denoising part: a <= 0, where no SDS weight points that way,
+    or w' above 1 / ``EFF_CFG_MAX_INV`` (10^4), which float32 rounding cannot tell from the normalized
+    estimators at w = inf, whose denoising term vanishes.
     """
     dd, dc, cc = _flat_dot(denoising, denoising), _flat_dot(denoising, classifier), _flat_dot(classifier, classifier)
     rd, rc, rr = _flat_dot(direction, denoising), _flat_dot(direction, classifier), _flat_dot(direction, direction)
@@ -154,7 +158,7 @@ def effective_cfg(direction: torch.Tensor, denoising: torch.Tensor, classifier: 
     a = (rd * cc - rc * dc) / det
     b = (rc * dd - rd * dc) / det
     r2 = (a * rd + b * rc) / rr  # explained share: <fit, direction> / ||direction||^2 for a least-squares fit
-    if a <= 1e-9 * abs(b):
+    if a <= EFF_CFG_MAX_INV * abs(b):
         return math.nan, r2
     return b / a, r2
 
