@@ -195,7 +195,11 @@ def look_inside(trainer: Any, t: int = 500, view: int = 0, seed: int = 0) -> Ins
         null = trainer.null_emb[:1].to(device)
         eps_c, eps_u = prior.predict_noise(torch.cat([z_t, z_t]), torch.cat([tt, tt]),
                                            torch.cat([text.to(prior.dtype), null.to(prior.dtype)])).float().chunk(2)
-        eps_l = _learned_eps(est, prior, z_t, tt, text, null, cams)
+        try:
+            eps_l = _learned_eps(est, prior, z_t, tt, text, null, cams)
+        except ValueError as err:  # the adapter went when the run ended (Trainer.close)
+            raise UserError(f"this run's LoRA is no longer attached to the prior (the run has ended); look inside "
+                            f"while it runs, or with `python -m lods inside` on its checkpoint ({err})") from err
         eps_l = eps_l.float() if eps_l is not None else None
         guided, direction = _guided_and_direction(est, z_t, noise, ab, eps_c, eps_u, eps_l, cfg, step)
         latents = {COND: eps_c, NULL: eps_u}

@@ -178,6 +178,10 @@ def test_look_inside_refuses_bad_input_in_one_line(tiny_prior):
         with pytest.raises(UserError) as err:
             look_inside(tr, **{"t": 10, "view": 0, **bad})
         assert "\n" not in str(err.value)
+    lora = Trainer(config("lods-lora"), prior=tiny_prior)
+    lora.close()  # a finished run: its adapter is gone from the prior
+    with pytest.raises(UserError, match="no longer attached"):
+        look_inside(lora, t=10)
 
 
 def test_look_inside_at_an_infinite_weight_has_no_guided_image(tiny_prior):
