@@ -30,16 +30,16 @@ VIEWS = RunConfig().preview_views
 
 # (title, y title, [(history key, series name, colour)])
 PARTS_PLOTS = (
-    ("Effective CFG", "weight", [("cfg", "w (the knob)", "#64748b"), ("eff_cfg", "effective w' (SDS fit)", "#dc2626")]),
+    ("Effective CFG", "weight", [("cfg", "w (the knob)", "#64748b"), ("eff_cfg", "effective w'", "#dc2626")]),
     ("Parts of the update (norms)", "norm per view", [
-        ("classifier_norm", "classifier eps(y) - eps(null)", "#2563eb"),
-        ("denoising_norm", "denoising eps(null) - eps", "#16a34a"),
-        ("drift_norm", "LODS drift eps(learned) - eps(null)", "#ea580c")]),
+        ("classifier_norm", "classifier", "#2563eb"),
+        ("denoising_norm", "denoising", "#16a34a"),
+        ("drift_norm", "LODS drift", "#ea580c")]),
     ("Cosines", "cosine", [
-        ("cos_drift_classifier", "drift . classifier", "#ea580c"),
-        ("cos_drift_denoising", "drift . denoising", "#a855f7"),
-        ("cos_classifier_denoising", "classifier . denoising", "#2563eb"),
-        ("eff_cfg_r2", "SDS fit R^2", "#64748b")]),
+        ("cos_drift_classifier", "drift·classifier", "#ea580c"),
+        ("cos_drift_denoising", "drift·denoising", "#a855f7"),
+        ("cos_classifier_denoising", "classifier·denoising", "#2563eb"),
+        ("eff_cfg_r2", "SDS fit R²", "#64748b")]),
 )
 COLUMNS = ["step", "value", "series"]
 
@@ -79,17 +79,18 @@ def parts_table(parts: dict[str, float], learned: bool) -> str:
     rows = [
         "| part | norm | cos with classifier | cos with denoising |",
         "| --- | --- | --- | --- |",
-        f"| classifier eps(y) − eps(null) | {f('classifier_norm')} | 1 | {f('cos_classifier_denoising')} |",
-        f"| denoising eps(null) − eps | {f('denoising_norm')} | {f('cos_classifier_denoising')} | 1 |",
+        f"| classifier ε(y) − ε(∅) | {f('classifier_norm')} | 1 | {f('cos_classifier_denoising')} |",
+        f"| denoising ε(∅) − ε | {f('denoising_norm')} | {f('cos_classifier_denoising')} | 1 |",
     ]
     if learned:
-        rows.append(f"| LODS drift eps(learned) − eps(null) | {f('drift_norm')} | {f('cos_drift_classifier')} | "
+        rows.append(f"| LODS drift ε(learned) − ε(∅) | {f('drift_norm')} | {f('cos_drift_classifier')} | "
                     f"{f('cos_drift_denoising')} |")
     w = parts.get("cfg", math.nan)
     if "eff_cfg" in parts:
         share = parts.get("eff_cfg_r2", math.nan)
         text = (f"**Effective CFG {parts['eff_cfg']:.3g}** at w = {w:g}: the plain-SDS weight whose direction is "
-                f"closest to this step's ({100 * share:.1f}% of it explained by that SDS direction).")
+                f"closest to this step's ({100 * share:.1f}% of it explained by that SDS direction). One t and "
+                "one noise draw: the plot below has one per logged training step, at random t.")
     else:
         text = f"No effective CFG here (w = {w:g}): no plain-SDS weight points this way."
     return "\n".join(rows) + "\n\n" + text
@@ -162,15 +163,15 @@ def inside_panel(studio: Any, poll_seconds: float = 2.0) -> dict[str, Any]:
                 "clean image each noise prediction implies in one step, the parts of the update and the "
                 "**effective CFG** (the plain-SDS weight whose direction is closest to the method's, fitted "
                 "every step; for LODS it shows whether the learned embedding lowers the guidance).")
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=False):
         t = gr.Slider(1, 999, value=500, step=1, label="Timestep t", elem_id="inside-t")
         view = gr.Radio([f"view {i + 1}" for i in range(VIEWS)], value="view 1", label="Preview view",
                         elem_id="inside-view")
         seed = gr.Number(0, precision=0, label="Noise seed", elem_id="inside-seed", min_width=100)
-        button = gr.Button("Look inside", variant="primary", elem_id="inside-look", min_width=120)
+        button = gr.Button("Look inside", variant="primary", elem_id="inside-look", min_width=120, scale=0)
     note = gr.Markdown("", elem_id="inside-notice")
     gallery = gr.Gallery(label="One step: render, noisy latent, one-step denoised images", columns=6,
-                         object_fit="contain", height="auto", allow_preview=True, elem_id="inside-images")
+                         object_fit="contain", height=280, allow_preview=True, elem_id="inside-images")
     with gr.Row(equal_height=False):
         table = gr.Markdown("", elem_id="inside-parts")
         formula = gr.Markdown("", latex_delimiters=LATEX, elem_id="inside-formula")

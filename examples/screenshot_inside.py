@@ -35,6 +35,9 @@ def main() -> None:
                                           steps=args.steps, seed=0))
         job = jobs.start_or_queue(config, owner="screenshot")
         while job.trainer is None or job.trainer.step < args.at:
+            if not job.active:
+                raise SystemExit(f"the run ended early: {job.phase} {job.message}")
+            jobs.touch("screenshot")  # an owner that never polls counts as gone
             time.sleep(0.5)
         jobs.set_paused("screenshot", True)  # the plots and the look show the same step
         with sync_playwright() as p:

@@ -237,8 +237,8 @@ def test_panel_callbacks_without_a_run_and_with_bad_input(tiny_prior):
     assert "lods-embed at step 3" in good[0] and len(good[1]) == 6 and "Effective CFG" in good[2]
     assert "$$" in good[3]
     eff = good[4]
-    assert set(eff["series"]) == {"w (the knob)", "effective w' (SDS fit)"}
-    assert len(eff[eff["series"] == "effective w' (SDS fit)"]) == 3
+    assert set(eff["series"]) == {"w (the knob)", "effective w'"}
+    assert len(eff[eff["series"] == "effective w'"]) == 3
     first = refresh(studio, None)
     assert "$$" in first[0] and len(first[1]) > 0
     assert refresh(studio, first[-1])[:-1] == (gr.skip(),) * 4  # nothing new: nothing sent
