@@ -154,7 +154,7 @@ def refresh(studio: Any, seen: Any, request: gr.Request = None) -> tuple:
         return ("", *_empty_plots(), key)
     with trainer.lock:
         cfg = trainer.knobs.cfg
-    return (trainer.estimator.formula(cfg, snap.step), *[parts_frame(snap.history, s) for s in PARTS_PLOTS], key)
+    return (trainer.estimator.formula(cfg, trainer.step), *[parts_frame(snap.history, s) for s in PARTS_PLOTS], key)
 
 
 def inside_panel(studio: Any, poll_seconds: float = 2.0) -> dict[str, Any]:
