@@ -7,6 +7,9 @@ The tiny random SD-format prior of ``conftest.tiny_sd_dir`` stands in for a real
 from __future__ import annotations
 
 import math
+import os
+import socket
+import time
 import types
 
 import gradio as gr
@@ -246,3 +249,46 @@ def test_panel_callbacks_without_a_run_and_with_bad_input(tiny_prior):
     tr.close()
     studio.manager.job = types.SimpleNamespace(is_comparison=True, trainer=None)
     assert "comparison" in look(studio, 500, "view 1", 0)[0]
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs /usr/bin/chromium")
+def test_panel_in_a_browser(tiny_prior, monkeypatch):
+    playwright = pytest.importorskip("playwright.sync_api")
+    from app.config import ModelPolicy
+    from app.jobs import JobManager
+    from app.ui import AppSettings, build_demo
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    jobs = JobManager(prior_factory=lambda name, device: tiny_prior, join_timeout=20)
+    settings = AppSettings(policy=ModelPolicy(allowed=("toy",), custom_ids=False),
+                           run_overrides={"resolution": 16, "batch": 1, "snapshot_every": 2, "preview_views": 2})
+    demo = build_demo(jobs, settings)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{port}/")
+                page.get_by_role("tab", name="Inside one step").click()
+                page.locator("#inside-look").click()
+                page.wait_for_selector("#inside-notice :text('Nothing to look inside yet')", timeout=20_000)
+                job = jobs.start_or_queue(config("lods-embed", steps=5000), owner="someone")
+                end = time.monotonic() + 30
+                while (job.trainer is None or job.trainer.step < 3) and time.monotonic() < end:
+                    jobs.touch("someone")
+                    time.sleep(0.1)
+                page.locator("#inside-look").click()
+                page.wait_for_selector("#inside-notice :text('lods-embed at step')", timeout=20_000)
+                assert page.locator("#inside-images img").count() >= 6
+                page.wait_for_selector("#inside-formula .katex", timeout=20_000)
+                assert "Effective CFG" in page.locator("#inside-parts").inner_text()
+            finally:
+                browser.close()
+    finally:
+        jobs.shutdown()
+        demo.close()
