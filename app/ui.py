@@ -22,6 +22,7 @@ from app.compare_tab import CompareTab, compare_layout
 from app.config import ModelPolicy, cfg_text
 from app.format import CSS, TITLE, md_text, result_model, status_text
 from app.history import RenderHistory
+from app.inside_panel import inside_panel
 from app.jobs import JobManager
 from app.sessions import on_event_loop, session_of
 from app.studio_tab import CFG_QUICK, DEFAULTS, StudioTab, studio_layout
@@ -132,6 +133,8 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
                 s = studio_layout(settings, d)
             with gr.Tab("Compare", elem_id="compare-tab"):
                 c = compare_layout(settings, d)
+            with gr.Tab("Inside one step", elem_id="inside-tab"):
+                inside_panel(studio)
         prompt, negative, prior, custom, backbone, method, cfg, cfg_log, lr_scale, learned_lr, steps, seed = (
             s[k] for k in ("prompt", "negative", "prior", "custom", "backbone", "method", "cfg", "cfg_log",
                            "lr_scale", "learned_lr", "steps", "seed"))

@@ -1,4 +1,4 @@
-"""Command line: ``python -m lods {generate,edit,sweep,bench,batch,toy-prior} ...``.
+"""Command line: ``python -m lods {generate,edit,sweep,bench,batch,inside,toy-prior} ...``.
 
 Every failure the user can fix (bad input, missing weights) ends with a one-line ``error:`` message
 and exit status 2; ``--debug`` shows the full traceback instead.
@@ -153,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--budget", type=_finite_float, default=420.0, metavar="SECONDS",
                    help="gpu: start no new check or timing after this many seconds (default 420)")
     _add_executor_options(b)
+
+    ins = sub.add_parser("inside", help="inside one step of a saved run: one-step images and the parts of the update")
+    ins.add_argument("--checkpoint", required=True, help="a run's checkpoint.safetensors (or its folder)")
+    ins.add_argument("--t", type=_int_in(0, 999, "whole number from 0 to 999"), default=500, help="the timestep")
+    ins.add_argument("--view", type=_int_in(1, 16), default=1, help="which preview view (1 = the first)")
+    ins.add_argument("--seed", type=SEED, default=0, help="seed of the added noise")
+    ins.add_argument("--out", required=True, help="folder for inside.png and parts.json")
 
     t = sub.add_parser("toy-prior", help="the embedded prior: render, train, sample, judge")
     tsub = t.add_subparsers(dest="toy_command", required=True, metavar="ACTION")

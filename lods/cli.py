@@ -15,7 +15,21 @@ from lods.errors import UserError
 def run(args: argparse.Namespace) -> int:
     """Parsed arguments stop here: each subcommand becomes a call of a library function with typed values."""
     return {"generate": _generate, "edit": _generate, "sweep": _sweep, "batch": _batch, "bench": _bench,
-            "toy-prior": _toy_prior}[args.command](args)
+            "toy-prior": _toy_prior, "inside": _inside}[args.command](args)
+
+
+def _inside(args: argparse.Namespace) -> int:
+    from lods.inside import load_trainer, look_inside
+
+    trainer = load_trainer(args.checkpoint)
+    try:
+        inside = look_inside(trainer, t=args.t, view=args.view - 1, seed=args.seed)
+    finally:
+        trainer.close()
+    paths = inside.write(args.out)
+    print(json.dumps({"step": inside.step, "t": inside.t, "cfg": inside.cfg, **inside.parts}, default=float))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -136,6 +136,71 @@ def annealed_cfg(w0: float, w1: float, step: int, steps: int) -> float:
     return w0 + (w1 - w0) * frac
 
 
+def _flat_dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() * b.double()).sum())
+
+
+EFF_CFG_MAX_INV = 1e-4
+
+
+def effective_cfg(direction: torch.Tensor, denoising: torch.Tensor, classifier: torch.Tensor) -> tuple[float, float]:
+    """The weight w' of plain SDS whose direction is closest to ``direction``, and the share of it explained.
+
+    Plain SDS (Eq. 3) at weight w' points along eps(null) + w'(eps(y) - eps(null)) - eps, which is
+    ``denoising`` + w' ``classifier``. The closest such direction, up to scale, is the least-squares fit
+    ``direction`` ~ a ``denoising`` + b ``classifier`` (two regressors, closed form); w' = b / a. For SDS
+    itself (and SDS-norm, which is Eq. 3 divided by w) the fit is exact and w' = w. Returns (w', R^2);
+    w' is NaN where the fit has (next to) no denoising part: a <= 0, where no SDS weight points that way,
+    or w' above 1 / ``EFF_CFG_MAX_INV`` (10^4), which float32 rounding cannot tell from the normalized
+    estimators at w = inf, whose denoising term vanishes.
+    """
+    dd, dc, cc = _flat_dot(denoising, denoising), _flat_dot(denoising, classifier), _flat_dot(classifier, classifier)
+    rd, rc, rr = _flat_dot(direction, denoising), _flat_dot(direction, classifier), _flat_dot(direction, direction)
+    det = dd * cc - dc * dc
+    if det <= 1e-12 * max(dd * cc, 1e-30) or rr == 0:
+        return math.nan, math.nan
+    a = (rd * cc - rc * dc) / det
+    b = (rc * dd - rd * dc) / det
+    r2 = (a * rd + b * rc) / rr  # explained share: <fit, direction> / ||direction||^2 for a least-squares fit
+    if a <= EFF_CFG_MAX_INV * abs(b):
+        return math.nan, r2
+    return b / a, r2
+
+
+def _per_view_norm(x: torch.Tensor) -> float:
+    return float(x.flatten(1).norm(dim=1).mean())
+
+
+def _per_view_cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=1, eps=1e-12).mean())
+
+
+def update_parts(
+    direction: torch.Tensor, eps_c: torch.Tensor, eps_null: torch.Tensor, noise: torch.Tensor,
+    eps_learned: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """The parts of one update as numbers: norms (per view, averaged) and cosines of the classifier term
+    eps(y) - eps(null), the denoising term eps(null) - eps and, for LODS, the drift eps(alpha or psi) -
+    eps(null); and ``effective_cfg`` of the method's (unweighted) ``direction`` against the first two.
+
+    Keys: classifier_norm, denoising_norm, cos_classifier_denoising, eff_cfg, eff_cfg_r2 and, with
+    ``eps_learned``, drift_norm, cos_drift_classifier, cos_drift_denoising. NaN values are left out.
+    """
+    eps_c, eps_null, noise = eps_c.float(), eps_null.float(), noise.float()
+    classifier, denoising = eps_c - eps_null, eps_null - noise
+    out = {
+        "classifier_norm": _per_view_norm(classifier),
+        "denoising_norm": _per_view_norm(denoising),
+        "cos_classifier_denoising": _per_view_cos(classifier, denoising),
+    }
+    out["eff_cfg"], out["eff_cfg_r2"] = effective_cfg(direction.float(), denoising, classifier)
+    if eps_learned is not None:
+        drift = eps_learned.float() - eps_null
+        out.update(drift_norm=_per_view_norm(drift), cos_drift_classifier=_per_view_cos(drift, classifier),
+                   cos_drift_denoising=_per_view_cos(drift, denoising))
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
 # ----------------------------------------------------------------------------- configuration
 
 
@@ -199,6 +264,11 @@ class GuidanceConfig:
     from the clean latents to x_s (LucidDreamer's delta_t 50 and xs_delta_t 200, in steps of T = 1000).
     merge_update: section 3.7's variant; the learned branch's forward of the theta step is kept with
     its graph and reused by ``update``, saving one UNet forward (the update then uses the theta step's t).
+    parts_every: the parts of the update (:func:`update_parts`, the effective CFG) are logged every step
+    where the estimator computes eps(y) and eps(null) anyway (SDS and its variants); the estimators that
+    do not (SDS-ref, LODS: their null branch is alpha or the LoRA) add one UNet forward of the null
+    embedding every ``parts_every`` steps for them (0: never). That forward touches no random state, so
+    the run itself is the same with or without it.
     """
 
     schedule: TimestepSchedule = field(default_factory=TimestepSchedule)
@@ -215,6 +285,7 @@ class GuidanceConfig:
     ism_interval: int = 50
     ism_inversion_step: int = 200
     merge_update: bool = False
+    parts_every: int = 10
 
     def __post_init__(self):
         if self.weighting not in WEIGHTINGS:
@@ -223,6 +294,8 @@ class GuidanceConfig:
             raise ValueError(f"rescale_phi must be between 0 and 1, not {self.rescale_phi}")
         if self.ism_interval < 1 or self.ism_inversion_step < 1:
             raise ValueError("ism_interval and ism_inversion_step must be at least 1")
+        if isinstance(self.parts_every, bool) or not isinstance(self.parts_every, int) or self.parts_every < 0:
+            raise ValueError(f"parts_every must be a whole number >= 0, not {self.parts_every!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GuidanceConfig:
@@ -268,6 +341,21 @@ def _camera_labels(cameras: Cameras | None, n: int, device: torch.device) -> tor
 
 _ADAPTER_IDS = itertools.count()
 
+# LaTeX pieces of the formulas (``Estimator.formula``)
+_EPS_Y, _EPS_NULL, _EPS = r"\epsilon_\phi(z_t;y)", r"\epsilon_\phi(z_t;\varnothing)", r"\epsilon"
+_WEIGHTING_TEX = {"sds": r"1-\bar\alpha_t", "uniform": "1", "fantasia3d": r"\sqrt{\bar\alpha_t}\,(1-\bar\alpha_t)"}
+
+
+def _num(x: float) -> str:
+    """A constant as LaTeX: 3 significant digits, infinity as the symbol."""
+    if math.isinf(x):
+        return r"\infty" if x > 0 else r"-\infty"
+    text = f"{x:.3g}"
+    if "e" in text:
+        mant, exp = text.split("e")
+        return rf"{mant}\cdot 10^{{{int(exp)}}}"
+    return text
+
 
 class Estimator:
     """The theta step shared by every method: draw t and eps, ask ``direction``, weight, guard, clip."""
@@ -291,6 +379,27 @@ class Estimator:
         self.lr = self.config.lr if self.config.lr is not None else DEFAULT_LR.get(self.method, 0.0)
         self._forward = 0
         self._backward = 0
+        self._parts: dict[str, torch.Tensor] | None = None  # the predictions ``direction`` made (see ``_keep``)
+
+    def _keep(self, **eps: torch.Tensor) -> None:
+        """What ``direction`` computed, for :func:`update_parts`: eps_c, and eps_null and eps_learned where made."""
+        self._parts = eps
+
+    def parts_stats(self, raw, z_t, noise, t, null_emb, step: int) -> dict[str, float]:
+        """:func:`update_parts` of this step's direction from the predictions ``direction`` kept; eps(null)
+        from one more UNet forward (not counted as the method's) every ``config.parts_every`` steps where
+        the method does not compute it. Empty for methods whose direction is not built on the added noise
+        (VSD, ISM, DDS) and on the steps between measurements."""
+        parts, self._parts = self._parts, None
+        if parts is None or "eps_c" not in parts:
+            return {}
+        eps_null = parts.get("eps_null")
+        if eps_null is None:
+            every = self.config.parts_every
+            if not every or step % every:
+                return {}
+            eps_null = self.prior.predict_noise(z_t, t, null_emb.to(self.prior.dtype))
+        return update_parts(raw, parts["eps_c"], eps_null, noise, parts.get("eps_learned"))
 
     # counting UNet passes (in latents; divided by the batch when reported)
     def _eps(self, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, class_labels=None) -> torch.Tensor:
@@ -336,6 +445,31 @@ class Estimator:
         """The method's unweighted direction on z (float32) and its own stats (at least the effective ``cfg``)."""
         raise NotImplementedError
 
+    def equation(self, cfg: float, step: int) -> str:
+        """The unweighted direction in LaTeX, with this step's constants written in."""
+        return ""
+
+    def formula(self, cfg: float, step: int = 0) -> str:
+        """The direction on the latents as Markdown with LaTeX, every constant at its live value (weight
+        ``cfg`` at ``step``): the timestep range and weighting, and the learned parameters' update."""
+        lo, hi = self.config.schedule.bounds(step, self.prior.num_train_timesteps)
+        lines = [
+            f"**{self.label}** at step {step}:",
+            "$$\\nabla_z \\mathcal{L} = w(t)\\,\\Big[" + self.equation(cfg, step) + "\\Big]$$",
+            f"with $w(t) = {_WEIGHTING_TEX[self.config.weighting]}$ ({self.config.weighting} weighting), "
+            f"$t \\sim \\mathcal{{U}}\\{{{lo}, \\dots, {hi}\\}}$, $\\epsilon \\sim \\mathcal{{N}}(0, I)$"
+            + (f", gradients clipped at ${_num(self.config.grad_clip)}$" if self.config.grad_clip is not None else "")
+            + ".",
+        ]
+        learned = self.learned_formula()
+        if learned:
+            lines.append(learned)
+        return "\n\n".join(lines)
+
+    def learned_formula(self) -> str:
+        """Algorithm 1, line 6, in LaTeX with its learning rate; empty when nothing is learned."""
+        return ""
+
     def step(
         self, z: torch.Tensor, text_emb: torch.Tensor, null_emb: torch.Tensor, cfg: float, step: int,
         cameras: Cameras | None = None,
@@ -347,9 +481,11 @@ class Estimator:
         noise = torch.randn(z.shape, device=z.device, dtype=torch.float32)
         with torch.no_grad():
             z_t = self.noisy(z.detach().float(), noise, t, _per_view(null_emb, n))
+            self._parts = None
             raw, stats = self.direction(
                 z_t, noise, t, _per_view(text_emb, n), _per_view(null_emb, n), cfg, step, cameras
             )
+            stats.update(self.parts_stats(raw, z_t, noise, t, _per_view(null_emb, n), step))
             w_t = timestep_weight(self.prior.alphas_cumprod[t], self.config.weighting).view(-1, 1, 1, 1)
             grad = w_t * raw
             nonfinite = (~torch.isfinite(grad)).sum()
@@ -409,7 +545,12 @@ class Sds(Estimator):
     def direction(self, z_t, noise, t, text_emb, null_emb, cfg, step, cameras):
         w = self.cfg_at(cfg, step)
         eps_c, eps_u = self._pair(z_t, t, text_emb, null_emb)
+        self._keep(eps_c=eps_c, eps_null=eps_u)
         return sds_direction(cfg_combine(eps_c, eps_u, w), noise), {"cfg": w}
+
+    def equation(self, cfg, step):
+        w = cfg if math.isinf(cfg) else self.cfg_at(cfg, step)
+        return rf"{_EPS_NULL} + {_num(w)}\,\big({_EPS_Y} - {_EPS_NULL}\big) - {_EPS}"
 
 
 class CfgAnneal(Sds):
@@ -422,6 +563,11 @@ class CfgAnneal(Sds):
         steps = self.config.anneal_steps if self.config.anneal_steps is not None else DEFAULT_ANNEAL_STEPS
         return annealed_cfg(super().cfg_at(cfg, step), self.config.cfg_end, step, steps)
 
+    def formula(self, cfg, step=0):
+        steps = self.config.anneal_steps if self.config.anneal_steps is not None else DEFAULT_ANNEAL_STEPS
+        return (super().formula(cfg, step) + f"\n\nThe weight goes linearly from ${_num(cfg)}$ to "
+                f"${_num(self.config.cfg_end)}$ over {steps} steps.")
+
 
 class CfgRescale(Sds):
     """SDS with CFG rescale (MVDream's ``recon_std_rescale``): the guided prediction's clean-latent estimate is
@@ -433,10 +579,18 @@ class CfgRescale(Sds):
     def direction(self, z_t, noise, t, text_emb, null_emb, cfg, step, cameras):
         w = self.cfg_at(cfg, step)
         eps_c, eps_u = self._pair(z_t, t, text_emb, null_emb)
+        self._keep(eps_c=eps_c, eps_null=eps_u)
         ab = self.prior.alphas_cumprod[t].to(z_t.device, torch.float32)
         x0 = cfg_rescale(x0_from_eps(z_t, cfg_combine(eps_c, eps_u, w).float(), ab),
                          x0_from_eps(z_t, eps_c.float(), ab), self.config.rescale_phi)
         return sds_direction(eps_from_x0(z_t, x0, ab), noise), {"cfg": w}
+
+    def equation(self, cfg, step):
+        w = cfg if math.isinf(cfg) else self.cfg_at(cfg, step)
+        phi = _num(self.config.rescale_phi)
+        return (rf"\epsilon(\hat x_0) - {_EPS},\ \hat x_0 = {phi}\,\tfrac{{\sigma(x_0^y)}}{{\sigma(x_0^{{w}})}}"
+                rf"x_0^{{w}} + (1-{phi})\,x_0^{{w}},\ x_0^{{w}} = x_0\big({_EPS_NULL} + {_num(w)}\,({_EPS_Y} - "
+                rf"{_EPS_NULL})\big)")
 
 
 class Ism(Sds):
@@ -470,6 +624,12 @@ class Ism(Sds):
         eps_s, self._eps_s = self._eps_s, None
         return ism_direction(cfg_combine(eps_c, eps_u, w).float(), eps_s), {"cfg": w}
 
+    def equation(self, cfg, step):
+        w = cfg if math.isinf(cfg) else self.cfg_at(cfg, step)
+        null_t = r"\epsilon_\phi(x_t;\varnothing)"
+        return (rf"{null_t} + {_num(w)}\,\big(\epsilon_\phi(x_t;y) - {null_t}\big) - \epsilon_\phi(x_s;\varnothing),"
+                rf"\ s = t - {self.config.ism_interval}")
+
 
 class SdsRef(Estimator):
     """The reference SDS (Eq. 6): the conditional prediction only, one UNet pass, ``cfg`` ignored."""
@@ -478,7 +638,12 @@ class SdsRef(Estimator):
     label = "SDS-ref"
 
     def direction(self, z_t, noise, t, text_emb, null_emb, cfg, step, cameras):
-        return sds_ref_direction(self._eps(z_t, t, text_emb), noise), {"cfg": 1.0}
+        eps_c = self._eps(z_t, t, text_emb)
+        self._keep(eps_c=eps_c)
+        return sds_ref_direction(eps_c, noise), {"cfg": 1.0}
+
+    def equation(self, cfg, step):
+        return f"{_EPS_Y} - {_EPS}"
 
 
 class SdsNorm(Estimator):
@@ -489,7 +654,16 @@ class SdsNorm(Estimator):
 
     def direction(self, z_t, noise, t, text_emb, null_emb, cfg, step, cameras):
         eps_c, eps_u = self._pair(z_t, t, text_emb, null_emb)
+        self._keep(eps_c=eps_c, eps_null=eps_u)
         return sds_norm_direction(eps_c, eps_u, noise, cfg), {"cfg": cfg}
+
+    null_tex = _EPS_NULL
+
+    def equation(self, cfg, step):
+        if math.isinf(cfg):
+            return rf"{_EPS_Y} - {self.null_tex}\quad(w = \infty)"
+        return rf"{_EPS_Y} {_num((1 - cfg) / cfg) if cfg > 1 else '+' + _num((1 - cfg) / cfg)}\,{self.null_tex} - " \
+               rf"{_num(1 / cfg)}\,{_EPS}\quad(w = {_num(cfg)})"
 
 
 class _Learner(Estimator):
@@ -511,6 +685,14 @@ class _Learner(Estimator):
         for p in params:
             p.requires_grad_(False)
         self.optimizer = torch.optim.Adam(params, lr=self.lr)
+
+    learned_tex = ""  # the learned prediction in the update's loss (LaTeX)
+    learned_symbol = ""
+
+    def learned_formula(self) -> str:
+        return (rf"Then $\displaystyle {self.learned_symbol} \leftarrow \mathrm{{Adam}}_{{\eta = {_num(self.lr)}}}"
+                rf"\big(\nabla_{{{self.learned_symbol}}}\,\|{self.learned_tex} - {_EPS}\|^2\big)$ on the detached "
+                r"latents, $t \sim \mathcal{U}\{0, \dots, T-1\}$, fresh $\epsilon$.")
 
     def _set_trainable(self, on: bool) -> None:
         for p in self.params:
@@ -583,6 +765,9 @@ class LodsEmbed(_Learner):
 
     method = "lods-embed"
     label = "LODS-embed"
+    learned_tex = null_tex = r"\epsilon_\phi(z_t;\alpha)"
+    learned_symbol = r"\alpha"
+    equation = SdsNorm.equation
     learns = "the null embedding alpha"
     learns_null_condition = True
     update_in_background = True  # Eq. 8 moves alpha only; the UNet is frozen and shared as it is
@@ -607,6 +792,7 @@ class LodsEmbed(_Learner):
         else:
             eps_c = self._eps(z_t, t, text_emb)
             eps_a = self._merged_forward(z_t, t, self.alpha, noise)
+        self._keep(eps_c=eps_c, eps_learned=eps_a)
         return sds_norm_direction(eps_c, eps_a, noise, cfg), {"cfg": cfg}
 
     def update(self, z, text_emb, null_emb, cameras=None):
@@ -658,6 +844,14 @@ class LodsLora(_Learner):
 
     method = "lods-lora"
     label = "LODS-LoRA"
+    learned_symbol = r"\psi"
+    equation = SdsNorm.equation
+
+    @property
+    def null_tex(self) -> str:
+        return rf"\epsilon_{{\phi+{_num(self.config.lora_scale)}\psi}}(z_t;\varnothing)"
+
+    learned_tex = null_tex
     learns = "LoRA parameters psi"
     learns_null_condition = True
 
@@ -673,6 +867,7 @@ class LodsLora(_Learner):
                 eps_u = self._eps(z_t, t, null_emb)
             else:
                 eps_u = self._merged_forward(z_t, t, null_emb, noise)
+        self._keep(eps_c=eps_c, eps_learned=eps_u)
         return sds_norm_direction(eps_c, eps_u, noise, cfg), {"cfg": cfg}
 
     def update(self, z, text_emb, null_emb, cameras=None):
@@ -705,6 +900,12 @@ class Vsd(_Learner):
 
     method = "vsd"
     label = "VSD"
+    learned_symbol = r"\psi"
+    learned_tex = r"\epsilon_{\phi+\psi}(z_t;y,c)"
+
+    def equation(self, cfg, step):
+        return (rf"{_EPS_NULL} + {_num(cfg)}\,\big({_EPS_Y} - {_EPS_NULL}\big) - "
+                r"\epsilon_{\phi+\psi}(z_t;y,c)")
     learns = "a camera-conditioned LoRA"
     finite_cfg_only = True
 
@@ -773,6 +974,11 @@ class Dds(Estimator):
         eps = self._eps(torch.cat([z_t, z_t, zs_t, zs_t]), t.repeat(4), embs)
         eps_c, eps_u, eps_sc, eps_su = eps.chunk(4)
         return dds_direction(cfg_combine(eps_c, eps_u, cfg), cfg_combine(eps_sc, eps_su, cfg)), {"cfg": cfg}
+
+    def equation(self, cfg, step):
+        return (rf"\hat\epsilon_{{{_num(cfg)}}}(z_t;y) - \hat\epsilon_{{{_num(cfg)}}}(\tilde z_t;\tilde y),\ "
+                r"\hat\epsilon_w = \epsilon_\phi(\cdot;\varnothing) + w\,(\epsilon_\phi(\cdot;y) - "
+                r"\epsilon_\phi(\cdot;\varnothing))")
 
 
 METHODS: dict[str, type[Estimator]] = {
