@@ -174,6 +174,7 @@ def look_inside(trainer: Any, t: int = 500, view: int = 0, seed: int = 0) -> Ins
     cams = trainer.preview_cameras[view: view + 1]
     device = trainer.device
     with trainer.scene_lock:
+        trainer.join_update()  # the learned parameters as the last step's update left them
         est, scene, step = trainer.estimator, trainer.scene, trainer.step
         # the scene's display mode (no jitter) and a forked RNG, as for the previews
         background = torch.ones(1, 3, device=device) if trainer.config.background in ("white", "random") else None

@@ -152,6 +152,7 @@ def test_look_inside_images_parts_and_the_run_goes_on_unchanged(tiny_prior, meth
     looked.begin()
     looked.advance()
     looked.advance()
+    looked.join_update()  # LODS-embed's update may still run in the trainer's second thread
     forward = looked.estimator._forward
     rng = torch.get_rng_state()
     inside = look_inside(looked, t=400, view=1, seed=5)
