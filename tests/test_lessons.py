@@ -124,3 +124,12 @@ def test_verdicts_on_a_synthetic_table():
     lines = bench.report_lines(_rows(real, [x + 0.2 for x in a], [x + 0.2 for x in lower]), ("sds-vs-lods",))
     assert any(line.startswith(f"| {real.slots[1].label} vs {real.slots[0].label} | ") and "**holds**" in line
                for line in lines)
+
+
+def test_bench_lessons_needs_a_folder_and_the_toy_prior(capsys):
+    from lods.__main__ import main
+
+    assert main(["bench", "lessons"]) == 2
+    assert "needs --out" in capsys.readouterr().err
+    assert main(["bench", "lessons", "--prior", "sd21", "--out", "x"]) == 2
+    assert "--prior toy only" in capsys.readouterr().err
