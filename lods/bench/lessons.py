@@ -263,7 +263,19 @@ def write_report(rows: list[dict[str, Any]], runs: list[LessonRun], out: Path) -
     write_grid(runs, out, prompts[:GRID_PROMPTS])
 
 
-def write_grid(runs: list[LessonRun], out: Path, prompts: list[str], scale: int = 2) -> None:
+def _labelled(grid: np.ndarray, labels: list[str], stride: int, band: int = 18) -> np.ndarray:
+    """``grid`` with a white band on top naming each column (``stride`` pixels apart)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (grid.shape[1], grid.shape[0] + band), "white")
+    image.paste(Image.fromarray(grid), (0, band))
+    draw = ImageDraw.Draw(image)
+    for i, label in enumerate(labels):
+        draw.text((i * stride + 6, 3), label, fill=(0, 0, 0))
+    return np.asarray(image)
+
+
+def write_grid(runs: list[LessonRun], out: Path, prompts: list[str], scale: int = 2, pad: int = 2) -> None:
     """``lessons.png``: per prompt (seed 0) a row of the world's render and every slot's final render (views 0
     and 2 side by side), enlarged ``scale`` times (nearest neighbour)."""
     from lods import export
@@ -286,7 +298,8 @@ def write_grid(runs: list[LessonRun], out: Path, prompts: list[str], scale: int 
         return
     cols = max(len(r) for r in rows)
     cells = [c for r in rows for c in r + [torch.ones_like(r[0])] * (cols - len(r))]
-    grid = export.image_grid(torch.stack(cells), cols=cols)
-    export.write_png(out / "lessons.png", grid.repeat(scale, 0).repeat(scale, 1))
+    grid = export.image_grid(torch.stack(cells), cols=cols, pad=pad)
     labels = ["world"] + [r.slot.label for r in runs if r.prompt == prompts[0] and r.seed == seed]
+    export.write_png(out / "lessons.png", _labelled(grid.repeat(scale, 0).repeat(scale, 1), labels,
+                                                    (cells[0].shape[-1] + pad) * scale))
     (out / "lessons.txt").write_text("columns: " + ", ".join(labels) + "\nrows: " + ", ".join(prompts) + "\n")
