@@ -64,7 +64,7 @@ def _tiny_runs():
 def test_the_benchmark_appends_a_row_per_run_and_resumes(tmp_path, monkeypatch):
     runs = _tiny_runs()
     lines = []
-    rows = bench.run_lessons(tmp_path, runs=runs, log=lines.append)
+    rows = bench.run_lessons(tmp_path, runs=runs, log=lines.append, with_balance=False)
     assert len(rows) == 2 and sum(line.startswith("[") for line in lines) == 2
     assert {(r["method"], r["cfg"]) for r in rows} == {("sds", 7.5), ("sds", 100.0)}
     assert all(0 <= r["saturation"] <= 1 and r["steps"] == 2 for r in rows)
@@ -74,7 +74,7 @@ def test_the_benchmark_appends_a_row_per_run_and_resumes(tmp_path, monkeypatch):
         raise AssertionError("a finished run ran again")
 
     monkeypatch.setattr(bench, "run_one", must_not_run)
-    assert len(bench.run_lessons(tmp_path, runs=runs, log=lines.append)) == 2
+    assert len(bench.run_lessons(tmp_path, runs=runs, log=lines.append, with_balance=False)) == 2
     # one row lost: only that run goes again
     with (tmp_path / "results.csv").open() as f:
         kept = list(csv.DictReader(f))[:1]
@@ -86,7 +86,7 @@ def test_the_benchmark_appends_a_row_per_run_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_one", lambda run, prior, out: ran.append(run.slot) or {
         **{k: 0.5 for k in bench.COLUMNS}, "method": run.slot.method, "cfg": run.slot.cfg, "prompt": run.prompt,
         "seed": run.seed, "steps": run.lesson.steps, "batch": run.lesson.batch})
-    assert len(bench.run_lessons(tmp_path, runs=runs, prior=object(), log=lines.append)) == 2
+    assert len(bench.run_lessons(tmp_path, runs=runs, prior=object(), log=lines.append, with_balance=False)) == 2
     assert ran == [s for s in (r.slot for r in runs) if s != Slot(kept[0]["method"], float(kept[0]["cfg"]))]
 
 
@@ -133,3 +133,11 @@ def test_bench_lessons_needs_a_folder_and_the_toy_prior(capsys):
     assert "needs --out" in capsys.readouterr().err
     assert main(["bench", "lessons", "--prior", "sd21", "--out", "x"]) == 2
     assert "--prior toy only" in capsys.readouterr().err
+
+
+def test_guidance_balance_turns_the_direction_towards_the_classifier_term_as_the_weight_grows():
+    b = bench.guidance_balance(["a blue sphere"], fractions=(0.5,), weights=(1.0, 7.5, 100.0), views=1)
+    cos = list(b["cosine_to_largest"].values())
+    assert cos[0] < cos[1] < cos[2] and math.isclose(cos[2], 1.0, abs_tol=1e-5)
+    assert b["ratio"][0.5] > 0
+    assert "|eps(y) - eps(null)|" in bench.balance_lines(b)[0]

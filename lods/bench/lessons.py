@@ -137,7 +137,7 @@ def run_one(run: LessonRun, prior: Any, out: Path) -> dict[str, Any]:
 
 
 def run_lessons(out: Path, report_only: bool = False, runs: list[LessonRun] | None = None,
-                prior: Any = None, log=print) -> list[dict[str, Any]]:
+                prior: Any = None, log=print, with_balance: bool = True) -> list[dict[str, Any]]:
     """Run what ``results.csv`` lacks (one progress line per run), then write the report and the picture."""
     out.mkdir(parents=True, exist_ok=True)
     runs = plan() if runs is None else runs
@@ -155,8 +155,59 @@ def run_lessons(out: Path, report_only: bool = False, runs: list[LessonRun] | No
         log(f"[{len(runs) - len(todo) + i}/{len(runs)}] {run.label}: saturation {row['saturation']:.3f} (world "
             f"{row['world_saturation']:.3f}), clipped {row['clipped']:.3f}, {row['seconds']:.0f} s")
     rows = read_rows(csv_path)
-    write_report(rows, runs, out)
+    balance = guidance_balance(list(dict.fromkeys(r.prompt for r in runs)), prior) if rows and with_balance else None
+    write_report(rows, runs, out, balance)
     return rows
+
+
+# ---------------------------------------------------------------------------- why the weights
+
+
+@torch.no_grad()
+def guidance_balance(prompts: list[str], prior: Any = None, fractions: tuple[float, ...] = (0.2, 0.5, 0.8),
+                     weights: tuple[float, ...] = (1.0, 7.5, 100.0, 1000.0), views: int = 4) -> dict[str, Any]:
+    """How the two parts of the SDS direction compare on the world's own renders of ``prompts`` (fixed noise):
+    the ratio |eps(y) - eps(null)| / |eps(null) - eps| per timestep, and the cosine between the SDS direction
+    w (eps(y) - eps(null)) + eps(null) - eps at each weight and at the largest one. The scene's optimiser
+    (Adam) ignores the size of an update, so weights whose directions are nearly parallel train alike."""
+    from lods.cameras import turntable
+    from lods.priors.toy.world import render_captions
+
+    if prior is None:
+        from lods.trainer import load_prior
+
+        prior = load_prior("toy", torch.device("cpu"))
+    null = prior.encode_text([""])
+    ratios: dict[float, list[float]] = {f: [] for f in fractions}
+    cosines: dict[float, list[float]] = {w: [] for w in weights}
+    gen = torch.Generator().manual_seed(0)
+    for prompt in prompts:
+        rgb = render_captions([prompt] * views, size=prior.image_size, seed=0, cameras=turntable(views, 64)).rgb
+        z = prior.encode_images(rgb.to(prior.device)).float()
+        text = prior.encode_text([prompt]).expand(views, -1, -1)
+        for f in fractions:
+            t = torch.full((views,), int(f * prior.num_train_timesteps), device=z.device)
+            noise = torch.randn(z.shape, generator=gen).to(z.device)
+            z_t = prior.add_noise(z, noise, t)
+            eps_c = prior.predict_noise(z_t, t, text)
+            eps_u = prior.predict_noise(z_t, t, null.expand(views, -1, -1))
+            cls, den = (eps_c - eps_u).flatten(1), (eps_u - noise).flatten(1)
+            ratios[f] += (cls.norm(dim=1) / den.norm(dim=1)).tolist()
+            top = weights[-1] * cls + den
+            for w in weights:
+                cosines[w] += torch.nn.functional.cosine_similarity(w * cls + den, top, dim=1).tolist()
+    return {"ratio": {f: float(np.mean(v)) for f, v in ratios.items()},
+            "cosine_to_largest": {w: float(np.mean(v)) for w, v in cosines.items()}, "prompts": len(prompts)}
+
+
+def balance_lines(balance: dict[str, Any]) -> list[str]:
+    ratio = ", ".join(f"{v:.2f} at t = {f:g} T" for f, v in balance["ratio"].items())
+    weights = list(balance["cosine_to_largest"])
+    cos = ", ".join(f"{w:g}: {v:.3f}" for w, v in balance["cosine_to_largest"].items())
+    return [f"Why the weights: on the world's own renders of the {balance['prompts']} prompts (4 views, fixed noise) "
+            f"|eps(y) - eps(null)| / |eps(null) - eps| is {ratio}; the cosine between the SDS direction at each "
+            f"weight and at {weights[-1]:g} is {cos}. The scene's optimiser (Adam) ignores the size of an update, "
+            "so weights whose directions are this close train alike.", ""]
 
 
 # ---------------------------------------------------------------------------- report
@@ -237,7 +288,8 @@ def mean_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def write_report(rows: list[dict[str, Any]], runs: list[LessonRun], out: Path) -> None:
+def write_report(rows: list[dict[str, Any]], runs: list[LessonRun], out: Path,
+                 balance: dict[str, Any] | None = None) -> None:
     prompts = list(dict.fromkeys(r.prompt for r in runs))
     seeds = sorted({r.seed for r in runs})
     about = (out / "about.txt").read_text().strip() if (out / "about.txt").exists() else ""
@@ -250,6 +302,7 @@ def write_report(rows: list[dict[str, Any]], runs: list[LessonRun], out: Path) -
         f"quality benchmark's 24): {', '.join(prompts)}. Seeds {seeds}. Every run is measured on 8 turntable "
         "views against the world's renders of its prompt from the same cameras.", "",
         *mean_table(rows), "",
+        *(balance_lines(balance) if balance else []),
         "Each prompt gives one difference B - A (its seeds averaged); the interval is a bootstrap 95% interval of "
         "the mean difference (BCa, 9,999 resamples); Wilcoxon p is the two-sided signed-rank test. A check "
         "**holds** where the interval lies wholly on the claimed side of 0, **does not hold** where it lies "
