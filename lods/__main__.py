@@ -130,18 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
         help="benchmarks: guidance (UNet passes per estimator), speed (time per phase), quality (the paper's claims), "
-             "gpu (the CUDA paths against the CPU references, and the paper's settings timed on SD 2.1's architecture)",
+             "gpu (the CUDA paths against the CPU references, and the paper's settings timed on SD 2.1's "
+             "architecture), lessons (the Compare tab's lessons on prompts they were not set on)",
     )
-    b.add_argument("what", choices=["guidance", "speed", "quality", "gpu"])
+    b.add_argument("what", choices=["guidance", "speed", "quality", "gpu", "lessons"])
     b.add_argument("--prior", default="toy")
     b.add_argument("--steps", type=STEPS, default=None,
                    help="steps per measurement (guidance 5, speed 20, gpu 3) or per run (quality 300)")
-    b.add_argument("--out", default=None, help="guidance: a JSON file; speed, quality, gpu: a folder")
+    b.add_argument("--out", default=None, help="guidance: a JSON file; speed, quality, gpu, lessons: a folder")
     b.add_argument("--quick", action="store_true", help="quality: 3 prompts, 5 methods, 1 seed (about 15 min on CPU)")
     b.add_argument("--seeds", type=_int_in(1, 1000), default=None,
                    help="quality: seeds per prompt and method (default 2, quick 1)")
     b.add_argument("--report-only", action="store_true",
-                   help="quality: write the report from the finished runs, run nothing")
+                   help="quality, lessons: write the report from the finished runs, run nothing")
     b.add_argument("--plan", default=None, help="quality: a JSON file of prompts, variants, seeds and steps to run")
     b.add_argument("--backbones", default="gs,nerf,image", help="speed: comma-separated backbones")
     b.add_argument("--methods", default=None, help="speed: comma-separated estimators (default: all)")

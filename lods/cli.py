@@ -125,6 +125,16 @@ def _bench(args: argparse.Namespace) -> int:
                                steps=args.steps or 3, budget_s=args.budget)
         failed = any(c["status"] == "fail" for c in report["checks"]) or any("error" in r for r in report["timing"])
         return 1 if failed else 0
+    if args.what == "lessons":
+        from lods.bench.lessons import run_lessons
+
+        if args.prior != "toy":
+            raise UserError("`bench lessons` measures against the toy world: it runs on --prior toy only")
+        if not args.out:
+            raise UserError("bench lessons needs --out DIR")
+        rows = run_lessons(Path(args.out), report_only=args.report_only)
+        print((Path(args.out) / "report.md").read_text())
+        return 0 if rows else 1
     if args.what == "speed":
         from lods.bench.speed import run_speed
 
