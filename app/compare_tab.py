@@ -22,6 +22,9 @@ from lods.runs.compare import MAX_RUNS, Slot, comparison_configs
 from lods.runs.compare import PRESETS as COMPARE_PRESETS
 from lods.runs.lessons import LESSONS
 
+# Views per step of each compared run: one, as the lessons were measured (twice the steps of the page's default
+# two in the same time; lods.runs.lessons)
+COMPARE_BATCH = next(iter(LESSONS.values())).batch
 PANE_VIEW_PX = 300  # each view of a pane is drawn this wide (pixelated), about the Studio previews' size
 
 
@@ -111,7 +114,8 @@ class CompareTab:
                 prompt=prompt, negative_prompt="", prior=name, backbone=backbone,
                 method=chosen[0].method if chosen else "sds", cfg=100.0, lr_scale=1.0,
                 learned_lr=default_learned_lr("lods-embed", name), steps=steps, seed=seed,
-                max_steps=self.settings.max_steps, overrides=self.settings.run_overrides,
+                max_steps=self.settings.max_steps,
+                overrides={"batch": COMPARE_BATCH, **(self.settings.run_overrides or {})},
             )
             for slot in chosen:
                 if slot.method not in APP_METHODS:
