@@ -69,8 +69,8 @@ class RunConfig:
     seed: int = 0
     device: str | None = None  # None: cuda when available, else cpu
     threads: int | None = None  # CPU threads for torch; None: the prior's choice (1 for the toy prior)
-    # A second CPU thread: it runs half of each CFG pair and, where the estimator allows it (LODS-embed), the
-    # learned update (Algorithm 1, line 6) beside the next step's render; the same numbers either way.
+    # A second CPU thread for the learned update (Algorithm 1, line 6) where the estimator allows it (LODS-embed):
+    # it runs beside the scene's backward and the next step's render; the same numbers either way.
     # None: on the CPU, not on a GPU.
     second_thread: bool | None = None
     batch: int = 4  # views per step

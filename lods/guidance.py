@@ -19,8 +19,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import threading
-from concurrent.futures import Executor
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -29,8 +27,6 @@ from torch import nn
 
 from lods.cameras import Cameras
 from lods.priors.base import DiffusionPrior
-
-LANE_NAME = "lods-lane"  # the name of the trainer's second CPU thread
 
 # ----------------------------------------------------------------------------- the equations
 
@@ -375,7 +371,6 @@ class Estimator:
         self.prior = prior
         self.config = config or GuidanceConfig()
         self.optimizer: torch.optim.Optimizer | None = None
-        self.lane: Executor | None = None  # a second thread for half of each CFG pair on the CPU (the trainer's)
         self.lr = self.config.lr if self.config.lr is not None else DEFAULT_LR.get(self.method, 0.0)
         self._forward = 0
         self._backward = 0
@@ -407,27 +402,11 @@ class Estimator:
         return self.prior.predict_noise(z_t, t, emb, class_labels)
 
     def _pair(self, z_t: torch.Tensor, t: torch.Tensor, emb_a: torch.Tensor, emb_b: torch.Tensor):
-        """Two predictions on the same z_t: on a GPU in one UNet call (the usual CFG batching); on the CPU in two
-        calls, the second in ``lane`` (a second thread) when there is one, so that both cores work."""
+        """Two predictions on the same z_t in one UNet call (the usual CFG batching). One call, on the CPU too: a
+        small UNet's time is mostly Python between its ops, which a second thread cannot share (the GIL)."""
         dtype = self.prior.dtype
-        emb_a, emb_b = emb_a.to(dtype), emb_b.to(dtype)
-        if self.prior.device.type != "cpu":
-            return self._eps(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([emb_a, emb_b])).chunk(2)
-        if self.lane is None or threading.current_thread().name.startswith(LANE_NAME):  # (never wait on oneself)
-            return self._eps(z_t, t, emb_a), self._eps(z_t, t, emb_b)
-        grad = torch.is_grad_enabled()  # thread-local in torch: the lane takes the caller's
-
-        def second() -> torch.Tensor:
-            with torch.set_grad_enabled(grad):
-                return self.prior.predict_noise(z_t, t, emb_b)
-
-        future = self.lane.submit(second)
-        self._forward += z_t.shape[0]
-        try:
-            first = self._eps(z_t, t, emb_a)
-        finally:
-            other = future.result()
-        return first, other
+        eps = self._eps(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([emb_a.to(dtype), emb_b.to(dtype)]))
+        return eps.chunk(2)
 
     def _counts(self, n: int) -> dict[str, float]:
         counts = {"unet_forward": self._forward / n, "unet_backward": self._backward / n}

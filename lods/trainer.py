@@ -39,7 +39,7 @@ from lods.cameras import Cameras, sample_cameras, turntable, view_suffix
 from lods.config import LIVE_KNOBS, Knobs, RunConfig, check_resumable
 from lods.errors import UserError
 from lods.export import atomic_path
-from lods.guidance import LANE_NAME, make_estimator
+from lods.guidance import make_estimator
 from lods.priors.base import DiffusionPrior
 from lods.profiling import PhaseTimer
 from lods.scenes.base import RenderOutput, Scene
@@ -155,9 +155,8 @@ class Trainer:
         if hasattr(self.estimator, "seed"):
             self.estimator.seed(config.seed + 1)
         lane = config.second_thread if config.second_thread is not None else self.device.type == "cpu"
-        self._lane = ThreadPoolExecutor(1, thread_name_prefix=LANE_NAME) if lane else None
-        self.estimator.lane = self._lane
-        self._background_update = lane and self.estimator.update_in_background
+        self._background_update = bool(lane and self.estimator.update_in_background)
+        self._lane = ThreadPoolExecutor(1, thread_name_prefix="lods-update") if self._background_update else None
         self._update: Future | None = None  # the learned update in flight in the lane
         self._update_stats: dict[str, float] | None = None  # the stats of the step that submitted it
         self._update_lock = threading.Lock()

@@ -9,8 +9,8 @@ learned update without its forwards: the backward through the UNet into the null
 and their small optimizer step), ``densify`` (Gaussian densification and pruning), ``snapshot``
 (preview renders for the UI, every ``snapshot_every`` steps) and ``other``. ``unet_share`` is
 (forward + backward) / step. With the trainer's second CPU thread the phases overlap and their sum exceeds
-the step: the learned update (LODS-embed) runs beside the backward, the bookkeeping and the next render,
-and the second half of each CFG pair runs inside ``unet_forward`` of the guidance. On CPU the peak memory is
+the step: the learned update (LODS-embed) runs beside the backward, the bookkeeping and the next render.
+On CPU the peak memory is
 the process's resident set size during the measurement; on CUDA it is ``torch.cuda.max_memory_allocated``.
 """
 
