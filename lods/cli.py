@@ -22,6 +22,15 @@ def _generate(args: argparse.Namespace) -> int:
     from lods.config import RunConfig
     from lods.runs import edit, generate
 
+    if getattr(args, "image", None) and args.command == "generate":
+        from lods.runs.image3d import generate_from_image
+
+        if args.resume:
+            raise UserError("--resume is for text-to-3D runs; start image-to-3D runs afresh")
+        generate_from_image(config_dict(args), args.image, args.out)
+        return 0
+    if args.command == "generate" and not (args.prompt or "").strip():
+        raise UserError("the prompt is empty: pass --prompt TEXT (or --image IN.png for image to 3D)")
     config = RunConfig.from_dict(config_dict(args))
     if args.command == "edit":
         edit(config, args.image, args.out)
@@ -148,6 +157,26 @@ def _toy_prior(args: argparse.Namespace) -> int:
                 f"no rendered chunks in {cfg.cache}; run `python -m lods toy-prior render --out {cfg.cache}`"
             )
         print(f"saved the prior to {train(cfg)}")
+        return 0
+    if args.toy_command == "train-views":
+        from lods.priors.toy.views import VIEWS_DIR, ViewTrainConfig, train_views
+
+        cfg = ViewTrainConfig(out=args.out or str(VIEWS_DIR), work=args.work, steps=args.steps, scenes=args.scenes,
+                              batch=args.batch, threads=args.threads)
+        print(f"saved the view-conditioned prior to {train_views(cfg)}")
+        return 0
+    if args.toy_command == "views-report":
+        from lods.priors.toy.views import VIEWS_DIR, report_views
+
+        report = report_views(args.prior_dir or VIEWS_DIR, n_scenes=args.scenes, steps=args.steps,
+                              guidance_scale=args.cfg, out=args.out)
+        print(json.dumps(report["summary"], indent=2))
+        return 0
+    if args.toy_command == "world-image":
+        from lods.runs.image3d import world_input
+
+        path = world_input(args.out, args.index)
+        print(f"wrote {path} and {path.with_suffix('.json')}: {json.loads(path.with_suffix('.json').read_text())}")
         return 0
     if args.toy_command == "sample":
         from lods.priors.toy.sample import load_pipeline, sample, save_samples

@@ -244,9 +244,10 @@ class Trainer:
         z, out = self.scene.latents(self.prior, cams.to(self.device), self.background(len(cams)), self.timer)
         with self.timer.phase("guidance"):
             g = self.estimator.step(z, text_emb, self.null_emb, knobs.cfg, self.step, cams)
+            loss, extra = self.total_loss(g, cams, out, knobs)
         self.optimizer.zero_grad(set_to_none=True)
         with self.timer.phase("backward"):
-            g.loss.backward()
+            loss.backward()
         scene_grad = math.sqrt(
             sum(
                 float(p.grad.square().sum())
@@ -263,7 +264,7 @@ class Trainer:
             dens = self.scene.post_step(self.step, out, self.optimizer)
         if any(g["name"] not in self.base_lrs for g in self.optimizer.param_groups):
             self.base_lrs.update({g["name"]: g["lr"] for g in self.optimizer.param_groups})
-        stats = {"step": self.step, "loss": float(g.loss.detach()), "scene_grad_norm": scene_grad, **g.stats}
+        stats = {"step": self.step, "loss": float(g.loss.detach()), "scene_grad_norm": scene_grad, **g.stats, **extra}
         stats.update({f"update_{k}" if not k.startswith("update") else k: v for k, v in update.items()})
         stats.update({f"scene_{k}": float(v) for k, v in dens.items()})
         stats.update(self.estimator.statistics())
@@ -273,6 +274,11 @@ class Trainer:
         stats["learned_lr"] = self.estimator.lr
         self.step += 1
         return stats
+
+    def total_loss(self, g: Any, cams: Cameras, out: RenderOutput, knobs: Knobs) -> tuple[torch.Tensor, dict]:
+        """The loss to backpropagate from the estimator's result ``g`` and the step's renders ``out``, with extra
+        statistics; the text prior's loss alone here (image-to-3D adds its reference-view and view-prior terms)."""
+        return g.loss, {}
 
     def _guard(self, stats: dict[str, float]) -> str | None:
         bad = [k for k, v in stats.items()
