@@ -132,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench",
-        help="benchmarks: guidance (UNet passes per estimator), speed (time per phase), quality (the paper's claims)",
+        help="benchmarks: guidance (UNet passes per estimator), speed (time per phase), quality (the paper's claims), "
+             "image3d (Table 2 on the toy world)",
     )
-    b.add_argument("what", choices=["guidance", "speed", "quality"])
+    b.add_argument("what", choices=["guidance", "speed", "quality", "image3d"])
     b.add_argument("--prior", default="toy")
     b.add_argument("--steps", type=STEPS, default=None,
                    help="steps per measurement (guidance 5, speed 20) or per run (quality 300)")

@@ -110,6 +110,16 @@ def _bench(args: argparse.Namespace) -> int:
                            plan_file=Path(args.plan) if args.plan else None)
         print((Path(args.out) / "report.md").read_text() if rows else "no run finished")
         return 0 if rows else 1
+    if args.what == "image3d":
+        from lods.bench.image3d import DEFAULT_STEPS as IMAGE3D_STEPS
+        from lods.bench.image3d import run_image3d_bench
+
+        if not args.out:
+            raise UserError("bench image3d needs --out DIR")
+        rows = run_image3d_bench(Path(args.out), args.quick, args.seeds or 1, args.steps or IMAGE3D_STEPS,
+                                 report_only=args.report_only)
+        print((Path(args.out) / "report.md").read_text() if rows else "no run finished")
+        return 0 if rows else 1
     if args.what == "speed":
         from lods.bench.speed import run_speed
 

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from test_views_prior import build_tiny_zero123
 
@@ -157,3 +158,24 @@ def test_generate_from_a_world_image_end_to_end(toy_prior, view_folder, tmp_path
     assert grid.shape[0] > grid.shape[1] / 3  # two rows of four 64-pixel views
     with pytest.raises(UserError, match="3D backbone"):
         generate_from_image({"backbone": "image"}, path, tmp_path / "x", prior=toy_prior, view_prior=vp)
+
+
+def test_bench_image3d_runs_resumes_and_reports(toy_prior, view_folder, tmp_path):
+    from lods.bench.image3d import run_image3d_bench
+
+    vp = ViewConditionedPrior.from_pretrained(str(view_folder))
+    settings = {"batch": 1, "gaussians": {"num_points": 300}}
+    rows = run_image3d_bench(tmp_path, steps=2, variants=("view-only", "lods-embed"), scenes=(0, 1), prior=toy_prior,
+                             view_prior=vp, run_settings=settings)
+    assert sorted((r["scene"], r["variant"]) for r in rows) == [(0, "lods-embed"), (0, "view-only"),
+                                                               (1, "lods-embed"), (1, "view-only")]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {t["measure"] for t in report["tests"]} == {"psnr", "feature_distance", "judged_right"}
+    assert all(t["n"] == 2 and t["a"] == "view-only" and t["b"] == "lods-embed" for t in report["tests"])
+    ran = yaml.safe_load((tmp_path / "runs" / "scene0-view-only-seed0" / "config.yaml").read_text())
+    assert ran["image3d"]["text_weight"] == 0.0
+    stamp = (tmp_path / "runs" / "scene0-lods-embed-seed0" / "summary.json").stat().st_mtime_ns
+    run_image3d_bench(tmp_path, steps=2, variants=("view-only", "lods-embed"), scenes=(0, 1), prior=toy_prior,
+                      view_prior=vp, run_settings=settings)
+    assert (tmp_path / "runs" / "scene0-lods-embed-seed0" / "summary.json").stat().st_mtime_ns == stamp
+    assert "| lods-embed |" in (tmp_path / "report.md").read_text()

@@ -267,9 +267,14 @@ def novel_views(trainer: ImageTo3DTrainer, out: Path) -> dict[str, Any]:
         caption = trainer.input.sidecar["caption"]
         report["novel_psnr"] = [psnr(a, b) for a, b in zip(made, truth)]
         report["novel_psnr_mean"] = float(np.mean(report["novel_psnr"]))
-        right = judge_images(shipped_judge(), F.interpolate(made, size=(64, 64), mode="bilinear", antialias=True),
-                             [caption] * k)["objects_right"]
+        judge = shipped_judge()
+        small = F.interpolate(made, size=(64, 64), mode="bilinear", antialias=True)
+        right = judge_images(judge, small, [caption] * k)["objects_right"]
         report["novel_judged_right"] = float(right.float().mean())
+        # A perceptual distance that needs no download: 1 - cosine similarity of the judge's pooled features.
+        feats = judge.features(torch.cat([small, F.interpolate(truth, size=(64, 64), mode="bilinear",
+                                                                antialias=True)]))
+        report["novel_feature_distance"] = float((1 - F.cosine_similarity(feats[:k], feats[k:], dim=1)).mean())
     return report
 
 
