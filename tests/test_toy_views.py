@@ -67,3 +67,16 @@ def test_export_loads_as_a_view_conditioned_prior(tmp_path):
     eps = prior.predict_noise(torch.randn(2, 4, 16, 16), torch.tensor([100, 800]), torch.tensor([20.0, 20.0]),
                               torch.tensor([90.0, 180.0]), torch.tensor([2.85, 2.85]))
     assert eps.shape == (2, 4, 16, 16) and torch.isfinite(eps).all()
+
+
+def test_the_shipped_view_prior_loads_offline_and_sees_the_camera():
+    prior = ViewConditionedPrior.from_pretrained("toy-views")
+    assert prior.image_size == 64 and prior.camera_mode == "zero123"
+    assert all(p.suffix != ".bin" for p in V.VIEWS_DIR.rglob("*"))
+    prior.set_reference(V.render_views(V.held_out_scene(0), orbit(torch.tensor([0.0]), torch.tensor([20.0]),
+                                                                  torch.tensor([2.85]), torch.tensor([42.5]), 64, 64),
+                                       V.EVAL_SEED), 20.0, 0.0, 2.85)
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).expand(2, -1, -1, -1)
+    t = torch.tensor([500, 500])  # the same noisy latent, two target cameras
+    a = prior.predict_noise(z, t, torch.tensor([20.0, 20.0]), torch.tensor([0.0, 180.0]), torch.tensor([2.85, 2.85]))
+    assert (a[0] - a[1]).abs().mean() > 1e-3
