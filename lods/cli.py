@@ -29,7 +29,7 @@ def _generate(args: argparse.Namespace) -> int:
             raise UserError("--resume is for text-to-3D runs; start image-to-3D runs afresh")
         generate_from_image(config_dict(args), args.image, args.out)
         return 0
-    if args.command == "generate" and not (args.prompt or "").strip():
+    if args.command == "generate" and not args.resume and not (args.prompt or "").strip():
         raise UserError("the prompt is empty: pass --prompt TEXT (or --image IN.png for image to 3D)")
     config = RunConfig.from_dict(config_dict(args))
     if args.command == "edit":
