@@ -8,6 +8,8 @@ The Python entry points (``lods.api``), with the same config keys as ``python -m
   text to 3D (Gaussian splats or NeRF) or to an image; returns a ``Result`` (folder, files, metrics,
   views, the live trainer).
 - ``edit(image, source_prompt, prompt, method="dds", ...)``: text-guided image editing.
+- ``generate_from_image(config, image, out)``: image to 3D (Magic123-style, section 4.2); returns the summary.
+  ``ViewConditionedPrior.from_pretrained("toy-views" | a Zero-1-to-3 diffusers folder or hub id)``.
 - ``load_prior(name)``: the embedded ``toy`` prior, ``sd21``, a Hugging Face id or a folder.
 - ``estimator(method, prior, **guidance)``: one of ``METHODS`` (SDS, SDS-ref, SDS-norm, LODS-embed,
   LODS-LoRA, VSD, CFG-anneal, DDS) as a score estimator on a prior.
@@ -27,6 +29,8 @@ _API = {
     "run_config": "lods.api", "Result": "lods.api", "make_estimator": "lods.guidance", "METHODS": "lods.guidance",
     "GuidanceConfig": "lods.guidance", "RunConfig": "lods.config", "Knobs": "lods.config",
     "Trainer": "lods.trainer", "BACKBONES": "lods.config", "UserError": "lods.errors",
+    # image to 3D (section 4.2): the run, and the view-conditioned (Zero-1-to-3) prior
+    "generate_from_image": "lods.runs.image3d", "ViewConditionedPrior": "lods.priors.views",
     # the priors and the estimators as classes
     "DiffusionPrior": "lods.priors.base", "DiffusersPrior": "lods.priors.diffusers_prior",
     **{name: "lods.guidance" for name in (

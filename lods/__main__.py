@@ -99,8 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    g = sub.add_parser("generate", help="text to 3D (gs, nerf) or to an image (image)")
-    g.add_argument("--prompt", required=True)
+    g = sub.add_parser("generate", help="text to 3D (gs, nerf) or to an image (image); image to 3D with --image")
+    g.add_argument("--prompt", default=None, help="the text (optional with --image on the toy prior: the judge "
+                   "captions the input)")
+    g.add_argument("--image", default=None, help="image to 3D: the input view (its alpha or its background "
+                   "colour gives the mask; a world render's IN.json gives its camera and true views)")
     g.add_argument("--backbone", default=None, help="gs, nerf or image")
     g.add_argument("--resume", default=None, help="a previous run's folder to continue")
     _add_run_options(g)
@@ -131,9 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmarks: guidance (UNet passes per estimator), speed (time per phase), quality (the paper's claims), "
              "gpu (the CUDA paths against the CPU references, and the paper's settings timed on SD 2.1's "
-             "architecture), lessons (the Compare tab's lessons on prompts they were not set on)",
+             "architecture), lessons (the Compare tab's lessons on prompts they were not set on), "
+             "image3d (Table 2 on the toy world)",
     )
-    b.add_argument("what", choices=["guidance", "speed", "quality", "gpu", "lessons"])
+    b.add_argument("what", choices=["guidance", "speed", "quality", "gpu", "lessons", "image3d"])
     b.add_argument("--prior", default="toy")
     b.add_argument("--steps", type=STEPS, default=None,
                    help="steps per measurement (guidance 5, speed 20, gpu 3) or per run (quality 300)")
@@ -185,6 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start a new warm-up and cosine learning-rate cycle at this many minutes of UNet "
                          "training, to continue a finished run (0: one cycle)")
     tt.add_argument("--threads", type=_int_in(0, 1024), default=0, help="torch threads (0: torch's default)")
+    tv = tsub.add_parser("train-views", help="train the view-conditioned prior on pairs of world renders (resumable)")
+    tv.add_argument("--out", default=None, help="diffusers folder (default: the package's weights/views)")
+    tv.add_argument("--work", default=".cache/toy-views", help="renders and checkpoints; a rerun resumes")
+    tv.add_argument("--steps", type=_int_in(1, 10_000_000), default=2500)
+    tv.add_argument("--scenes", type=_int_in(1, 1_000_000), default=2048, help="training scenes (4 views each)")
+    tv.add_argument("--batch", type=_int_in(1, 4096), default=24)
+    tv.add_argument("--threads", type=_int_in(1, 1024), default=1)
+    tvr = tsub.add_parser("views-report", help="novel views of held-out scenes: judged right, PSNR vs true views")
+    tvr.add_argument("--prior-dir", default=None, help="the view-conditioned prior (default: the shipped one)")
+    tvr.add_argument("--scenes", type=_int_in(1, 100_000), default=36)
+    tvr.add_argument("--steps", type=_int_in(1, 1000), default=25)
+    tvr.add_argument("--cfg", type=_finite_float, default=3.0)
+    tvr.add_argument("--out", required=True, help="folder for report.json and views.png")
+    tw = tsub.add_parser("world-image", help="a held-out world render as an image-to-3D input (PNG + its JSON)")
+    tw.add_argument("--index", type=_int_in(0, 1_000_000), default=0, help="scene of the held-out stream")
+    tw.add_argument("--out", required=True, help="the PNG to write (its camera and scene go to the .json beside)")
     ts = tsub.add_parser("sample", help="DDIM samples of a prompt")
     ts.add_argument("--prompt", required=True)
     ts.add_argument("--n", type=_int_in(1, 4096), default=8)

@@ -36,6 +36,15 @@ def _generate(args: argparse.Namespace) -> int:
     from lods.config import RunConfig
     from lods.runs import edit, generate
 
+    if getattr(args, "image", None) and args.command == "generate":
+        from lods.runs.image3d import generate_from_image
+
+        if args.resume:
+            raise UserError("--resume is for text-to-3D runs; start image-to-3D runs afresh")
+        generate_from_image(config_dict(args), args.image, args.out)
+        return 0
+    if args.command == "generate" and not args.resume and not (args.prompt or "").strip():
+        raise UserError("the prompt is empty: pass --prompt TEXT (or --image IN.png for image to 3D)")
     config = RunConfig.from_dict(config_dict(args))
     if args.command == "edit":
         edit(config, args.image, args.out)
@@ -135,6 +144,16 @@ def _bench(args: argparse.Namespace) -> int:
         rows = run_lessons(Path(args.out), report_only=args.report_only)
         print((Path(args.out) / "report.md").read_text())
         return 0 if rows else 1
+    if args.what == "image3d":
+        from lods.bench.image3d import DEFAULT_STEPS as IMAGE3D_STEPS
+        from lods.bench.image3d import run_image3d_bench
+
+        if not args.out:
+            raise UserError("bench image3d needs --out DIR")
+        rows = run_image3d_bench(Path(args.out), args.quick, args.seeds or 1, args.steps or IMAGE3D_STEPS,
+                                 report_only=args.report_only)
+        print((Path(args.out) / "report.md").read_text() if rows else "no run finished")
+        return 0 if rows else 1
     if args.what == "speed":
         from lods.bench.speed import run_speed
 
@@ -184,6 +203,26 @@ def _toy_prior(args: argparse.Namespace) -> int:
                 f"no rendered chunks in {cfg.cache}; run `python -m lods toy-prior render --out {cfg.cache}`"
             )
         print(f"saved the prior to {train(cfg)}")
+        return 0
+    if args.toy_command == "train-views":
+        from lods.priors.toy.views import VIEWS_DIR, ViewTrainConfig, train_views
+
+        cfg = ViewTrainConfig(out=args.out or str(VIEWS_DIR), work=args.work, steps=args.steps, scenes=args.scenes,
+                              batch=args.batch, threads=args.threads)
+        print(f"saved the view-conditioned prior to {train_views(cfg)}")
+        return 0
+    if args.toy_command == "views-report":
+        from lods.priors.toy.views import VIEWS_DIR, report_views
+
+        report = report_views(args.prior_dir or VIEWS_DIR, n_scenes=args.scenes, steps=args.steps,
+                              guidance_scale=args.cfg, out=args.out)
+        print(json.dumps(report["summary"], indent=2))
+        return 0
+    if args.toy_command == "world-image":
+        from lods.runs.image3d import world_input
+
+        path = world_input(args.out, args.index)
+        print(f"wrote {path} and {path.with_suffix('.json')}: {json.loads(path.with_suffix('.json').read_text())}")
         return 0
     if args.toy_command == "sample":
         from lods.priors.toy.sample import load_pipeline, sample, save_samples

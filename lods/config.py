@@ -30,6 +30,47 @@ from lods.scenes.gaussians import GaussianConfig
 from lods.scenes.image import ImageConfig
 from lods.scenes.nerf import NerfConfig
 
+
+@dataclass
+class Image3DConfig:
+    """Image-to-3D (section 4.2, after Magic123): the input view's losses and the two priors' weights.
+
+    The loss is ``rgb_weight`` MSE(render, input) + ``mask_weight`` MSE(alpha, mask) at the input camera, plus
+    ``text_weight`` times the text prior's estimator loss and ``view_weight`` times the view-conditioned prior's
+    SDS on the step's novel views (Magic123: 5, 0.5, 1 and 40; its Zero-1-to-3 guidance scale 5). The
+    normalized estimators (LODS, SDS-norm) give Eq. 3 divided by the CFG weight; ``text_times_cfg`` multiplies
+    their loss back by a finite weight, so that ``text_weight`` means the same under every estimator.
+    ``view_method``: "sds" (Magic123, the paper) or "lods-embed" (a learned null context token on the view
+    prior, section 4.5's suggestion; not tried in the paper). The input camera (degrees, world units) is the
+    reference view; None: the input's sidecar JSON when it has one, else elevation 20, azimuth 0, distance
+    2.85, fovy 42.5.
+    """
+
+    view_prior: str = "toy-views"
+    rgb_weight: float = 5.0
+    mask_weight: float = 0.5
+    text_weight: float = 1.0
+    view_weight: float = 40.0
+    view_cfg: float = 5.0
+    view_method: str = "sds"
+    view_lr: float = 1e-3
+    text_times_cfg: bool = True
+    ref_elevation: float | None = None
+    ref_azimuth: float | None = None
+    ref_distance: float | None = None
+    ref_fovy: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("rgb_weight", "mask_weight", "text_weight", "view_weight", "view_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, not {value}")
+        if not (math.isfinite(self.view_cfg) and self.view_cfg >= 1):
+            raise ValueError(f"view_cfg must be a finite number >= 1, not {self.view_cfg}")
+        if self.view_method not in ("sds", "lods-embed"):
+            raise ValueError(f"view_method must be sds or lods-embed, not {self.view_method!r}")
+
+
 LIVE_KNOBS = ("cfg", "lr_scale", "learned_lr")  # the knobs a running run accepts; the same names everywhere
 KNOB_LABELS = {"cfg": "CFG weight", "lr_scale": "scene learning-rate scale",
                "learned_lr": "learned-parameter learning rate"}
@@ -48,10 +89,11 @@ _RANGES = (  # (field, lowest, highest) of the integer settings
 )
 BACKBONES = tuple(SCENES)  # gs, nerf, image
 SECTIONS: dict[str, type] = {"guidance": GuidanceConfig, "gaussians": GaussianConfig, "nerf": NerfConfig,
-                             "image": ImageConfig, "camera": CameraRange}
+                             "image": ImageConfig, "camera": CameraRange, "image3d": Image3DConfig}
 # Settings that shape a checkpoint's state: a resumed run must keep them.
 FIXED_ON_RESUME = ("prompt", "negative_prompt", "source_prompt", "prior", "backbone", "method", "seed", "batch",
-                   "resolution", "background", "preview_views", "guidance", "gaussians", "nerf", "image", "camera")
+                   "resolution", "background", "preview_views", "guidance", "gaussians", "nerf", "image", "camera",
+                   "image3d")
 
 
 @dataclass
@@ -90,6 +132,7 @@ class RunConfig:
     nerf: NerfConfig = field(default_factory=NerfConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     camera: CameraRange = field(default_factory=CameraRange)
+    image3d: Image3DConfig = field(default_factory=Image3DConfig)  # used by image-to-3D runs only
 
     def __post_init__(self) -> None:
         for name, cls in SECTIONS.items():

@@ -275,6 +275,7 @@ class Trainer:
         self.join_update()  # the guidance reads alpha as the previous step's update left it
         with self.timer.phase("guidance"):
             g = self.estimator.step(z, text_emb, self.null_emb, knobs.cfg, self.step, cams)
+            loss, extra = self.total_loss(g, cams, out, knobs)
         stats: dict[str, float] = {}
         if self._background_update:
             # Line 6 in the lane, beside this step's backward and the next step's render; its numbers join these
@@ -285,7 +286,7 @@ class Trainer:
                 self._update_stats = stats
         self.optimizer.zero_grad(set_to_none=True)
         with self.timer.phase("backward"):
-            g.loss.backward()
+            loss.backward()
         scene_grad = math.sqrt(
             sum(
                 float(p.grad.square().sum())
@@ -303,7 +304,8 @@ class Trainer:
             dens = self.scene.post_step(self.step, out, self.optimizer)
         if any(g["name"] not in self.base_lrs for g in self.optimizer.param_groups):
             self.base_lrs.update({g["name"]: g["lr"] for g in self.optimizer.param_groups})
-        stats.update({"step": self.step, "loss": float(g.loss.detach()), "scene_grad_norm": scene_grad, **g.stats})
+        stats.update({"step": self.step, "loss": float(g.loss.detach()), "scene_grad_norm": scene_grad, **g.stats,
+                      **extra})
         stats.update(self._update_fields(update))
         stats.update({f"scene_{k}": float(v) for k, v in dens.items()})
         if not self._background_update:
@@ -314,6 +316,11 @@ class Trainer:
         stats["learned_lr"] = self.estimator.lr
         self.step += 1
         return stats
+
+    def total_loss(self, g: Any, cams: Cameras, out: RenderOutput, knobs: Knobs) -> tuple[torch.Tensor, dict]:
+        """The loss to backpropagate from the estimator's result ``g`` and the step's renders ``out``, with extra
+        statistics; the text prior's loss alone here (image-to-3D adds its reference-view and view-prior terms)."""
+        return g.loss, {}
 
     def _guard(self, stats: dict[str, float]) -> str | None:
         bad = [k for k, v in stats.items()
