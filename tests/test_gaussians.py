@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lods.bench.raster import benchmark_rasterizer
+from lods.bench.raster import benchmark_rasterizer, random_gaussians
 from lods.cameras import look_at, orbit
 from lods.scenes.gaussians import GaussianConfig, GaussianScene
 from lods.scenes.rasterize import SH_C0, rasterize_gaussians, sh_basis, sh_to_rgb
@@ -23,19 +23,6 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def random_gaussians(n: int, seed: int, sh_degree: int | None = None) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    d = torch.randn(n, 3, generator=g)
-    k = 3 if sh_degree is None else (sh_degree + 1) ** 2
-    return {
-        "means": d / d.norm(dim=-1, keepdim=True) * 0.7 * torch.rand(n, 1, generator=g) ** (1 / 3),
-        "quats": torch.randn(n, 4, generator=g),
-        "scales": torch.exp(math.log(0.06) + 0.5 * torch.randn(n, 3, generator=g)),
-        "opacities": 0.05 + 0.9 * torch.rand(n, generator=g),
-        "colors": torch.rand(n, 3, generator=g) if sh_degree is None else 0.5 * torch.randn(n, k, 3, generator=g),
-    }
 
 
 def three_cameras(width: int, height: int):

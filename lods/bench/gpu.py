@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from lods.bench.raster import random_gaussians
 from lods.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "sd21_configs"
@@ -273,19 +274,6 @@ def _check(name: str, fn: Callable[[], dict[str, Any]], *, needs: str | None = N
     return {**record, "status": "pass" if ok else "fail", **result, "seconds": time.perf_counter() - t0}
 
 
-def _gaussians(n: int, seed: int, sh_degree: int | None) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    d = torch.randn(n, 3, generator=g)
-    k = 3 if sh_degree is None else (sh_degree + 1) ** 2
-    return {
-        "means": d / d.norm(dim=-1, keepdim=True) * 0.7 * torch.rand(n, 1, generator=g) ** (1 / 3),
-        "quats": torch.randn(n, 4, generator=g),
-        "scales": torch.exp(math.log(0.06) + 0.5 * torch.randn(n, 3, generator=g)),
-        "opacities": 0.05 + 0.9 * torch.rand(n, generator=g),
-        "colors": torch.rand(n, 3, generator=g) if sh_degree is None else 0.5 * torch.randn(n, k, 3, generator=g),
-    }
-
-
 def _cameras(width: int, height: int):
     from lods.cameras import orbit
 
@@ -320,7 +308,7 @@ def check_projection_vs_gsplat_torch() -> dict[str, Any]:
 
     from lods.scenes.rasterize import _project, quat_scale_to_covar
 
-    p = _gaussians(400, seed=3, sh_degree=None)
+    p = random_gaussians(400, seed=3, sh_degree=None)
     cams = _cameras(48, 40)
     ours = _project(p["means"], p["quats"], p["scales"], p["opacities"], cams.viewmat, cams.K, cams.width,
                     cams.height, 0.01, 1e10, 0.3)
@@ -341,7 +329,7 @@ def check_projection_vs_gsplat_torch() -> dict[str, Any]:
 def check_sparse_vs_dense() -> dict[str, Any]:
     """The CPU rasterizer (sparse) against the reference compositor (dense): values and gradients."""
     cams = _cameras(24, 20)
-    params = _gaussians(150, seed=4, sh_degree=2)
+    params = random_gaussians(150, seed=4, sh_degree=2)
     cpu = torch.device("cpu")
     out_s, grad_s = _render_and_grad(params, cams, "sparse", 2, cpu)
     out_d, grad_d = _render_and_grad(params, cams, "dense", 2, cpu)
@@ -356,11 +344,11 @@ def check_gsplat(device: torch.device, timing: tuple[int, int, int] = (20000, 8,
     """``gsplat.rasterization`` (through the project's backend) against the sparse CPU rasterizer."""
     cams = _cameras(48, 40)
     t0 = time.perf_counter()  # the first call loads gsplat's kernels (compiling them on a first use without wheels)
-    _render_and_grad(_gaussians(10, seed=5, sh_degree=None), cams, "gsplat", None, device)
+    _render_and_grad(random_gaussians(10, seed=5, sh_degree=None), cams, "gsplat", None, device)
     first_call_s = time.perf_counter() - t0
     worst = {"values": 0.0, "gradients_rel": 0.0}
     for sh_degree in (None, 2):
-        params = _gaussians(500, seed=6, sh_degree=sh_degree)
+        params = random_gaussians(500, seed=6, sh_degree=sh_degree)
         out_c, grad_c = _render_and_grad(params, cams, "sparse", sh_degree, torch.device("cpu"))
         out_g, grad_g = _render_and_grad(params, cams, "gsplat", sh_degree, device)
         worst["values"] = max(worst["values"], *(_max_diff(a, b) for a, b in zip(out_g, out_c)))
@@ -377,7 +365,7 @@ def _time_rasterizers(device: torch.device, n: int = 20000, views: int = 8, size
     from lods.cameras import sample_cameras
     from lods.scenes.rasterize import rasterize_gaussians
 
-    params = {k: v.to(device).requires_grad_() for k, v in _gaussians(n, seed=7, sh_degree=0).items()}
+    params = {k: v.to(device).requires_grad_() for k, v in random_gaussians(n, seed=7, sh_degree=0).items()}
     cams = sample_cameras(views, size, generator=torch.Generator().manual_seed(0)).to(device)
 
     def once() -> None:

@@ -16,19 +16,26 @@ from lods.cameras import orbit
 from lods.scenes.rasterize import rasterize_gaussians
 
 
-def benchmark_scene(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random object-like cloud of ``n`` Gaussians: centres in a ball of radius 0.6, scales around
-    0.03 (log-normal), random rotations, opacities in [0.05, 0.95], random colours."""
+def random_gaussians(n: int, seed: int, sh_degree: int | None = None, radius: float = 0.7, scale: float = 0.06,
+                     spread: float = 0.5) -> dict[str, torch.Tensor]:
+    """A random object-like cloud of ``n`` Gaussians: centres in a ball of ``radius``, scales around ``scale``
+    (log-normal, ``spread``), random rotations, opacities in [0.05, 0.95], random colours (or spherical
+    harmonics of ``sh_degree``)."""
     g = torch.Generator().manual_seed(seed)
     d = torch.randn(n, 3, generator=g)
-    means = d / d.norm(dim=-1, keepdim=True) * 0.6 * torch.rand(n, 1, generator=g) ** (1 / 3)
+    k = 3 if sh_degree is None else (sh_degree + 1) ** 2
     return {
-        "means": means,
+        "means": d / d.norm(dim=-1, keepdim=True) * radius * torch.rand(n, 1, generator=g) ** (1 / 3),
         "quats": torch.randn(n, 4, generator=g),
-        "scales": torch.exp(math.log(0.03) + 0.3 * torch.randn(n, 3, generator=g)),
+        "scales": torch.exp(math.log(scale) + spread * torch.randn(n, 3, generator=g)),
         "opacities": 0.05 + 0.9 * torch.rand(n, generator=g),
-        "colors": torch.rand(n, 3, generator=g),
+        "colors": torch.rand(n, 3, generator=g) if sh_degree is None else 0.5 * torch.randn(n, k, 3, generator=g),
     }
+
+
+def benchmark_scene(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The benchmark's cloud: centres in a ball of radius 0.6, scales around 0.03."""
+    return random_gaussians(n, seed, radius=0.6, scale=0.03, spread=0.3)
 
 
 def _time_ms(fn, repeats: int) -> float:

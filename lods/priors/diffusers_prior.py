@@ -15,12 +15,14 @@ one-line :class:`~lods.priors.base.PriorError` that says what is missing and how
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -122,6 +124,14 @@ def check_folder(root: Path) -> None:
             )
 
 
+def load_part(root: Path | str, what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()`` (a ``from_pretrained`` of one part of a model folder), or a one-line ``PriorError`` naming it."""
+    try:
+        return fn()
+    except Exception as err:
+        raise PriorError(f"cannot load {what} from '{root}': {one_line(err, 200)}") from err
+
+
 class DiffusersPrior:
     """A diffusers UNet (+ optional VAE) and a text encoder, seen as an epsilon-prediction oracle.
 
@@ -206,11 +216,7 @@ class DiffusersPrior:
         check_folder(root)
         torch_dtype = resolve_dtype(torch.device(device), dtype)
 
-        def load(what: str, fn):
-            try:
-                return fn()
-            except Exception as err:
-                raise PriorError(f"cannot load {what} from '{root}': {one_line(err, 200)}") from err
+        load = functools.partial(load_part, root)
 
         unet = load("unet/", lambda: UNet2DConditionModel.from_pretrained(
             root, subfolder="unet", use_safetensors=True, torch_dtype=torch_dtype))

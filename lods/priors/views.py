@@ -19,6 +19,7 @@ pipeline. Only ``.safetensors`` weights are read and no remote code is run.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from torch import nn
 
 from lods.errors import one_line
 from lods.priors.base import PriorError
-from lods.priors.diffusers_prior import HUB_ID, resolve_dtype
+from lods.priors.diffusers_prior import HUB_ID, load_part, resolve_dtype
 
 COMPONENTS = ("unet", "vae", "image_encoder", "cc_projection", "feature_extractor", "scheduler")
 CAMERA_MODES = ("zero123", "stable")
@@ -150,11 +151,7 @@ class ViewConditionedPrior:
         check_views_folder(root)
         torch_dtype = resolve_dtype(torch.device(device), dtype)
 
-        def load(what: str, fn):
-            try:
-                return fn()
-            except Exception as err:
-                raise PriorError(f"cannot load {what} from '{root}': {one_line(err, 200)}") from err
+        load = functools.partial(load_part, root)
 
         unet = load("unet/", lambda: UNet2DConditionModel.from_pretrained(
             root, subfolder="unet", use_safetensors=True, torch_dtype=torch_dtype))

@@ -37,6 +37,7 @@ class Scene(torch.nn.Module):
 
     backend: str = "torch"
     backbone: str = ""  # its name on the command line and in config files (``--backbone``)
+    video_scale = 2  # the turntable video's frames are this many times the training renders' size
     # What the live 3D viewer shows: "splats" (it streams ``viewer_gaussians``), "render" (it asks the trainer
     # to render each browser's camera) or None (nothing 3D).
     live_view: str | None = "render"
@@ -117,7 +118,7 @@ class Scene(torch.nn.Module):
         export.write_png(out / "views.png", export.image_grid(rgb, cols=views))
         files["views"] = "views.png"
         if video_frames:
-            cameras, backgrounds = turntable(video_frames, size * 2), background(video_frames)
+            cameras, backgrounds = turntable(video_frames, size * self.video_scale), background(video_frames)
 
             def frames():  # a few frames at a time: a renderer's memory grows with the views it draws at once
                 for i in range(0, video_frames, VIDEO_CHUNK):
