@@ -148,6 +148,24 @@ class CompareTab:
                      "steps": (job.id if job else None, steps, job.state if job else None,
                                len(job.files) if job else 0)}
 
+    def compare_replay(self, percent: Any) -> str:
+        """The panes at ``percent`` of the comparison's length: each run's last preview by that step."""
+        job = self._comparison()
+        if job is None or job.comparison is None:
+            return "<p>No comparison to replay yet.</p>"
+        try:
+            share = min(max(float(percent), 0.0), 100.0) / 100.0
+        except (TypeError, ValueError):
+            share = 1.0
+        step = round(share * max(config.steps for config in job.compare_configs))
+        panes = []
+        for config, frame in zip(job.compare_configs, job.comparison.frames_at(step)):
+            if frame is not None:
+                shown, previews = frame
+                panes.append((preview_grid(previews, min_side=1, cols=len(previews), gap=1),
+                              f"{Slot(config.method, config.cfg).label} · step {shown}", len(previews)))
+        return image_panel(panes, "lods-pane", PANE_VIEW_PX) if panes else f"<p>No previews by step {step}.</p>"
+
     def compare_draw(self) -> tuple:
         """gallery, table, files of the Compare tab (run when its key changes)."""
         return self._compare_outputs(self._comparison())
@@ -232,9 +250,14 @@ def compare_layout(settings: Any, defaults: Any) -> dict[str, Any]:
     c_note = gr.Markdown("", elem_id="compare-notice")
     c_status = gr.Markdown("", elem_id="compare-status")
     c_gallery = gr.HTML("", elem_id="compare-gallery")
+    with gr.Accordion("Replay: the runs side by side at any point of their history", open=False):
+        c_replay = gr.Slider(0, 100, value=100, step=1, label="% of the run (each pane: its last preview by then)",
+                             elem_id="compare-replay")
+        c_replay_panes = gr.HTML("", elem_id="compare-replay-panes")
     c_table = gr.Dataframe(headers=COMPARE_COLUMNS, label="Metrics (latest logged step)",
                            interactive=False, elem_id="compare-table")
     c_files = gr.File(label="Result files", file_count="multiple", interactive=False)
     return dict(compare_view=compare_view, prompt=c_prompt, prior=c_prior, backbone=c_backbone, steps=c_steps,
                 seed=c_seed, preset=c_preset, look_for=c_look_for, slots=slot_inputs, start=c_start, pause=c_pause,
-                stop=c_stop, note=c_note, status=c_status, gallery=c_gallery, table=c_table, files=c_files)
+                stop=c_stop, note=c_note, status=c_status, gallery=c_gallery, table=c_table, files=c_files,
+                replay=c_replay, replay_panes=c_replay_panes)

@@ -188,6 +188,8 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
         c_start.click(studio.compare_start, [c_prompt, c_prior, c_backbone, c_steps, c_seed, *slot_inputs], c_note,
                       api_name="compare_start")
         c_pause.click(studio.compare_pause, None, c_note, api_name="compare_pause", **quick)
+        c["replay"].change(studio.compare_replay, c["replay"], c["replay_panes"], api_name="compare_replay",
+                           trigger_mode="always_last", **quick)
         c_stop.click(studio.stop, None, c_note, api_name="compare_stop", **quick)
         compare_polled = [c_status, c_gallery, c_table, c_files, compare_view]
         # The timer only compares keys; each part of the page is drawn when its key (a gr.State) changes.

@@ -807,6 +807,12 @@ def test_compare_tab_callbacks(manager):
     assert gallery.index("CFG 30") < gallery.index("CFG ∞") and gallery.count('style="width: 300px"') == 4
     images = re.findall(r'src="(data:image/png;base64,[^"]+)"', gallery)
     assert len(set(images)) == 4  # the runs ran to the end and their panes differ
+    # the replay: every run's preview as it was at a share of the run (steps 1, 2, 3 were published)
+    assert "No previews by step 0" in studio.compare_replay(0)
+    early, late = studio.compare_replay(34), studio.compare_replay(100)
+    assert early.count("· step 1</figcaption>") == 4 and late.count("· step 3</figcaption>") == 4
+    assert re.findall(r'src="(data:image/png;base64,[^"]+)"', late) == images  # the end is what the panes show
+    assert set(re.findall(r'src="(data:image/png;base64,[^"]+)"', early)).isdisjoint(images)
     assert [row[1] for row in table["data"]] == [3, 3, 3, 3]
     assert table["headers"][0] == "run" and len(files) >= 4
     import gradio as gr

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
+
 from lods.config import RunConfig, cfg_label
 from lods.errors import UserError
 from lods.guidance import METHODS
@@ -70,9 +72,12 @@ class Comparison:
             configs = [replace(c, second_thread=False) for c in configs]
         self.configs = configs
         self.trainers: list[Trainer] = []
+        # Every run's published previews, (step, views (V, 3, H, W)), for replaying the runs side by side.
+        self.frames: list[list[tuple[int, torch.Tensor]]] = [[] for _ in configs]
         try:
             for i, config in enumerate(configs):
                 trainer = Trainer(config, prior=prior)
+                trainer.subscribe(lambda e, i=i: self._record(i, e.snapshot) if e.kind == "snapshot" else None)
                 if on_snapshot is not None:
                     trainer.subscribe(lambda e, i=i: on_snapshot(i, e.snapshot) if e.kind == "snapshot" else None)
                 self.trainers.append(trainer)
@@ -82,6 +87,19 @@ class Comparison:
         self._resume = threading.Event()
         self._resume.set()
         self._stop = False
+
+    def _record(self, index: int, snapshot: Snapshot) -> None:
+        frames = self.frames[index]
+        if not frames or frames[-1][0] != snapshot.step:
+            frames.append((snapshot.step, snapshot.previews))
+
+    def frames_at(self, step: int) -> list[tuple[int, torch.Tensor] | None]:
+        """Per run, its last published previews at or before ``step`` (None where it had none yet)."""
+        out: list[tuple[int, torch.Tensor] | None] = []
+        for frames in self.frames:
+            shown = [f for f in list(frames) if f[0] <= step]
+            out.append(shown[-1] if shown else None)
+        return out
 
     @property
     def paused(self) -> bool:
