@@ -1006,3 +1006,38 @@ def test_finished_runs_files_go_when_their_session_has_left(manager):
     manager.check_abandoned(now=time.monotonic() + 7200)  # two hours without a poll: both sessions have left
     assert manager.kept("a") is None and not first.out_dir.exists()
     assert second.files == [] and not second.out_dir.exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs /usr/bin/chromium")
+def test_a_lesson_runs_to_its_end_in_the_browser(server):
+    """The Compare tab's first lesson, shortened: picked, started, run to the end; the sentence of what to look
+    for is shown, and its panes differ, at the Studio previews' size."""
+    from lods.runs.lessons import LESSONS
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    url, jobs = server
+    lesson = next(iter(LESSONS.values()))
+    with playwright.sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("#start", timeout=30_000)
+            page.get_by_role("tab", name="Compare").click()
+            page.wait_for_selector("#compare-look-for", timeout=10_000)
+            assert lesson.look_for.split(";")[0][:30] in page.locator("#compare-look-for").inner_text()
+            page.locator("#compare-steps input").fill("4")
+            page.locator("#compare-start").click()
+            page.wait_for_selector("#compare-status :text('Done')", timeout=60_000)
+            job = jobs.current()
+            assert [(c.method, c.cfg) for c in job.compare_configs] == [(s.method, s.cfg) for s in lesson.slots]
+            assert all(t.step == 4 for t in job.comparison.trainers)
+            page.wait_for_function(
+                f"() => document.querySelectorAll('#compare-gallery img').length === {len(lesson.slots)}",
+                timeout=20_000)
+            panes = page.locator("#compare-gallery img")
+            sources = [panes.nth(i).get_attribute("src") for i in range(len(lesson.slots))]
+            assert len(set(sources)) == len(lesson.slots)  # the runs' panes differ
+            assert panes.first.bounding_box()["width"] >= 256  # at the Studio previews' size
+        finally:
+            browser.close()
