@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from lods.bench import gpu
+from lods.bench.raster import random_gaussians
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -247,7 +248,7 @@ def gsplat_on_cpu(monkeypatch):
 @pytest.mark.parametrize("sh_degree", [None, 2])
 def test_gsplat_backend_passes_the_documented_arguments_and_unpacks_the_results(gsplat_on_cpu, sh_degree):
     cams = gpu._cameras(24, 20)
-    params = gpu._gaussians(120, seed=2, sh_degree=sh_degree)
+    params = random_gaussians(120, seed=2, sh_degree=sh_degree)
     out_g, grad_g = gpu._render_and_grad(params, cams, "gsplat", sh_degree, torch.device("cpu"))
     out_s, grad_s = gpu._render_and_grad(params, cams, "sparse", sh_degree, torch.device("cpu"))
     (call,) = gsplat_on_cpu
