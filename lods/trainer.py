@@ -277,12 +277,14 @@ class Trainer:
             g = self.estimator.step(z, text_emb, self.null_emb, knobs.cfg, self.step, cams)
             loss, extra = self.total_loss(g, cams, out, knobs)
         stats: dict[str, float] = {}
+        # Line 6 learns on this step's latents, as rendered before the theta step: a copy, since z may be the scene's
+        # own parameter (2D latents), which the optimizer changes in place.
+        z_seen = z.detach().clone()
         if self._background_update:
             # Line 6 in the lane, beside this step's backward and the next step's render; its numbers join these
             # stats when it ends (join_update).
             with self._update_lock:
-                # a copy: z may be the scene's own parameter (2D latents), which the optimizer changes in place
-                self._update = self._lane.submit(self._run_update, z.detach().clone(), text_emb, cams)
+                self._update = self._lane.submit(self._run_update, z_seen, text_emb, cams)
                 self._update_stats = stats
         self.optimizer.zero_grad(set_to_none=True)
         with self.timer.phase("backward"):
@@ -299,7 +301,7 @@ class Trainer:
             self.optimizer.step()
         update: dict[str, float] = {}
         if not self._background_update:
-            update = self._run_update(z.detach(), text_emb, cams)
+            update = self._run_update(z_seen, text_emb, cams)
         with self.timer.phase("densify"):
             dens = self.scene.post_step(self.step, out, self.optimizer)
         if any(g["name"] not in self.base_lrs for g in self.optimizer.param_groups):

@@ -436,7 +436,7 @@ def test_the_learned_update_in_its_own_thread_gives_the_same_numbers(tiny_prior,
     assert not torch.equal(lane.estimator.alpha, lane.estimator.alpha_init)  # it learned
     for a, b in zip(inline.scene.parameters(), lane.scene.parameters()):
         assert torch.equal(a, b)
-    keys = ("loss", "update_loss", "alpha_drift", "embedding_distance")
+    keys = ("loss", "update_loss", "update_alpha_drift", "embedding_distance")
     assert [[h[k] for k in keys] for h in inline.history] == [[h[k] for k in keys] for h in lane.history]
 
 
