@@ -176,16 +176,23 @@ class CompareTab:
         if comparison is None:
             return "", None, None
         gallery, rows = [], []
-        for config, trainer, row in zip(job.compare_configs, comparison.trainers, comparison.rows()):
+        # A pane (its image and the judge's verdict) changes only with a new snapshot: drawn once per snapshot,
+        # not at every poll (the drawing and the judge would take their time from the runs).
+        cache = job.__dict__.setdefault("_panes", {})
+        for i, (config, trainer, row) in enumerate(zip(job.compare_configs, comparison.trainers, comparison.rows())):
             snap = trainer.latest()
             judged = "–"
             if snap is not None:
-                caption = f"{row['label']} · step {snap.step}"
-                views = len(snap.previews)
-                gallery.append((preview_grid(snap.previews, min_side=1, cols=views, gap=1), caption, views))
-                align = alignment_metrics(config.prompt, config.prior, snap.previews)
-                if align:
-                    judged = f"{align['views_judged_right']} / {len(snap.previews)}"
+                key = (i, snap.step)
+                if key not in cache:
+                    views = len(snap.previews)
+                    align = alignment_metrics(config.prompt, config.prior, snap.previews)
+                    cache[key] = (preview_grid(snap.previews, min_side=1, cols=views, gap=1), views,
+                                  f"{align['views_judged_right']} / {views}" if align else "–")
+                    for old in [k for k in cache if k[0] == i and k != key]:
+                        del cache[old]
+                grid, views, judged = cache[key]
+                gallery.append((grid, f"{row['label']} · step {snap.step}", views))
 
             def num(v: Any) -> str:
                 return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
