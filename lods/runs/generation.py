@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -18,9 +16,10 @@ from tqdm import tqdm
 from lods import checkpoint
 from lods.config import RunConfig
 from lods.errors import UserError
-from lods.export import atomic_path
 from lods.runs.folder import prepare_out, write_run_folder
 from lods.trainer import Trainer, load_prior, resolve_device, write_config
+
+T = TypeVar("T")
 
 PRESETS = {
     # Defaults per backbone on the embedded prior (CPU-friendly); YAML files in examples/ override them.
@@ -77,7 +76,9 @@ def checkpoint_config(path: str | Path) -> dict[str, Any]:
     return checkpoint.load(path, tensors=False)["config"]
 
 
-def load_image(path: str | Path, size: int) -> torch.Tensor:
+def read_image(path: str | Path, read: Callable[[Any], T]) -> T:
+    """``read(opened PIL image)`` for the image file at ``path``; a one-line ``UserError`` for a missing,
+    unreadable, truncated, corrupt or huge file (``read`` may raise its own ``UserError`` too)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -87,13 +88,20 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
-                img = opened.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+                return read(opened)
     except UnidentifiedImageError as err:
         raise UserError(f"{path} is not an image file") from err
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise UserError(f"{path} is too large to be an input image ({str(err).split('.')[0]})") from err
     except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt files
         raise UserError(f"{path} cannot be read as an image ({str(err).splitlines()[0][:100]})") from err
+
+
+def load_image(path: str | Path, size: int) -> torch.Tensor:
+    """The image at ``path`` as (1, 3, size, size) in [0, 1]."""
+    from PIL import Image
+
+    img = read_image(path, lambda opened: opened.convert("RGB").resize((size, size), Image.Resampling.LANCZOS))
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255
 
 

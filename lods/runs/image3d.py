@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,8 @@ from lods.config import RunConfig
 from lods.errors import UserError
 from lods.export import atomic_path, image_grid, write_png
 from lods.guidance import detached_target_loss
-from lods.runs.folder import prepare_out, write_run_folder
+from lods.runs.folder import prepare_out
+from lods.runs.generation import read_image
 from lods.trainer import Trainer, load_prior, resolve_device, write_config
 
 MAX_INPUT_PIXELS = 4096 * 4096
@@ -51,27 +51,17 @@ def load_input_image(path: str | Path, size: int, background_tol: float = 0.08) 
     """The input image at ``size`` x ``size`` (padded square with its background), its foreground mask, and its
     sidecar JSON if any; a one-line ``UserError`` for a missing, unreadable, truncated or huge file or an image
     with no foreground."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"image {path} not found" if not path.exists() else f"{path} is not a file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                w, h = opened.size
-                if w * h > MAX_INPUT_PIXELS:
-                    raise UserError(f"{path} is too large to be an input image ({w}x{h} pixels; at most "
-                                    f"{MAX_INPUT_PIXELS:,} pixels)")
-                has_alpha = "A" in opened.getbands() or "transparency" in opened.info
-                img = np.asarray(opened.convert("RGBA"), dtype=np.float32) / 255
-    except UnidentifiedImageError as err:
-        raise UserError(f"{path} is not an image file") from err
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise UserError(f"{path} is too large to be an input image ({str(err).split('.')[0]})") from err
-    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt files
-        raise UserError(f"{path} cannot be read as an image ({str(err).splitlines()[0][:100]})") from err
+
+    def read(opened: Any) -> tuple[bool, np.ndarray]:
+        w, h = opened.size
+        if w * h > MAX_INPUT_PIXELS:
+            raise UserError(f"{path} is too large to be an input image ({w}x{h} pixels; at most "
+                            f"{MAX_INPUT_PIXELS:,} pixels)")
+        return ("A" in opened.getbands() or "transparency" in opened.info,
+                np.asarray(opened.convert("RGBA"), dtype=np.float32) / 255)
+
+    has_alpha, img = read_image(path, read)
     rgb, alpha = torch.from_numpy(img[..., :3]).permute(2, 0, 1), torch.from_numpy(img[..., 3])
     if has_alpha and alpha.min() < 0.99:
         mask = alpha
@@ -192,9 +182,12 @@ class ImageTo3DTrainer(Trainer):
         if cfg.text_times_cfg and self.config.method in NORMALIZED and np.isfinite(knobs.cfg):
             text = text * knobs.cfg
         rgb_loss, mask_loss = self.reference_loss()
-        view, extra = self.view_loss(out.rgb, cams) if cfg.view_weight > 0 else (torch.zeros((), device=self.device),
-                                                                                  {})
-        total = cfg.text_weight * text + cfg.rgb_weight * rgb_loss + cfg.mask_weight * mask_loss + cfg.view_weight * view
+        if cfg.view_weight > 0:
+            view, extra = self.view_loss(out.rgb, cams)
+        else:
+            view, extra = torch.zeros((), device=self.device), {}
+        total = (cfg.text_weight * text + cfg.rgb_weight * rgb_loss + cfg.mask_weight * mask_loss
+                 + cfg.view_weight * view)
         return total, {"ref_rgb_loss": float(rgb_loss.detach()), "ref_mask_loss": float(mask_loss.detach()),
                        "view_sds_loss": float(view.detach()), **extra}
 

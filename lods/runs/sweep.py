@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from lods import export
-from lods.runs.batch import Job, is_done, parse_methods, run_all, run_job
 from lods.errors import UserError
+from lods.runs.batch import Job, is_done, run_all, run_job
 
 TABLE_COLUMNS = ("method", "cfg", "alignment", "saturation", "value", "clipped", "floater_score", "seconds",
                  "it_per_s")
