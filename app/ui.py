@@ -223,3 +223,15 @@ def launch_options() -> dict[str, Any]:
     """Styling arguments of ``demo.launch`` (Gradio 6 takes them there, not in ``gr.Blocks``)."""
     return {"css": CSS, "theme": gr.themes.Soft(), "run_history": False}  # no browser log of every poll
 
+
+def launch_local(demo: gr.Blocks) -> str:
+    """Launch ``demo`` in the background on a free loopback port, styled as the app (tests, benchmarks, the
+    screenshot scripts); returns its address."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **launch_options())
+    return f"http://127.0.0.1:{port}/"
+

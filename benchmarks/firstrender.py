@@ -9,7 +9,6 @@ image. A benchmark: it prints figures, it asserts nothing.
 from __future__ import annotations
 
 import argparse
-import socket
 import time
 from typing import Any
 
@@ -21,20 +20,17 @@ def run_first_render(backbone: str = "gs", timeout_s: float = 300.0) -> dict[str
     from playwright.sync_api import sync_playwright
 
     from app.jobs import JobManager
-    from app.ui import AppSettings, build_demo
+    from app.ui import AppSettings, build_demo, launch_local
 
     manager = JobManager()
     demo = build_demo(manager, AppSettings())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    url = launch_local(demo)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
                 page = browser.new_page()
-                page.goto(f"http://127.0.0.1:{port}/")
+                page.goto(url)
                 page.wait_for_selector("#start", timeout=60_000)
                 if backbone != "gs":
                     page.get_by_label({"nerf": "NeRF", "image": "2D image"}[backbone]).first.check()

@@ -21,7 +21,6 @@ import multiprocessing
 import os
 import queue
 import re
-import socket
 import statistics
 import threading
 import time
@@ -36,12 +35,6 @@ STEP = re.compile(r"step (\d+) /")
 
 GOOD_RUN = dict(prompt="a red cube", negative_prompt="", prior="toy", custom_model="", backbone="gs",
                 method="lods-embed", cfg=100.0, lr_scale=1.0, learned_lr=3e-3, steps=20_000, seed=0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rate(trainer: Any, seconds: float) -> float:
@@ -179,15 +172,13 @@ def run_load_test(
     from gradio_client import Client
 
     from app.jobs import JobManager
-    from app.ui import AppSettings, build_demo
+    from app.ui import AppSettings, build_demo, launch_local
 
     memory = PeakMemory(torch.device("cpu")).__enter__()  # the app's resident memory, run and server together
     manager = JobManager(prior_factory=prior_factory) if prior_factory else JobManager()
     settings = AppSettings(run_overrides=overrides or {})
     demo = build_demo(manager, settings)
-    port = _free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    url = f"http://127.0.0.1:{port}/"
+    url = launch_local(demo)
     owner = None
     try:
         owner = Client(url, verbose=False)  # starts the run, and keeps its session's heartbeat open

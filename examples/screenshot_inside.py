@@ -7,11 +7,10 @@
 from __future__ import annotations
 
 import argparse
-import socket
 import time
 
 from app.jobs import JobManager
-from app.ui import AppSettings, build_demo, launch_options
+from app.ui import AppSettings, build_demo, launch_local
 from lods.config import RunConfig
 
 
@@ -26,10 +25,7 @@ def main() -> None:
 
     jobs = JobManager()
     demo = build_demo(jobs, AppSettings())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **launch_options())
+    url = launch_local(demo)
     try:
         config = RunConfig.from_dict(dict(prompt="a red cube", backbone="gs", method="lods-embed", cfg=100.0,
                                           steps=args.steps, seed=0))
@@ -44,7 +40,7 @@ def main() -> None:
             browser = p.chromium.launch(executable_path=args.chromium, headless=True,
                                         args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"http://127.0.0.1:{port}/")
+            page.goto(url)
             page.get_by_role("tab", name="Inside one step").click()
             page.locator("#inside-look").click()
             page.wait_for_selector("#inside-images img", timeout=60_000)

@@ -9,13 +9,12 @@ writes ``lesson-<name>.png`` per lesson (``lods.runs.lessons.LESSONS``) and prin
 from __future__ import annotations
 
 import argparse
-import socket
 import time
 from pathlib import Path
 
 from app.compare_tab import COMPARE_PRESETS_SHOWN
 from app.jobs import JobManager
-from app.ui import AppSettings, build_demo, launch_options
+from app.ui import AppSettings, build_demo, launch_local
 from lods.runs.lessons import LESSONS
 
 
@@ -31,16 +30,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     jobs = JobManager()
     demo = build_demo(jobs, AppSettings())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **launch_options())
+    url = launch_local(demo)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium, headless=True,
                                         args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"http://127.0.0.1:{port}/")
+            page.goto(url)
             page.wait_for_selector("#start", timeout=60_000)
             page.get_by_role("tab", name="Compare").click()
             for name in args.lessons.split(","):

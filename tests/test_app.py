@@ -23,7 +23,7 @@ import torch
 from app.config import ModelPolicy, build_run_config, restricted_server
 from app.jobs import JobManager, NotOwner
 from app.plots import PLOTS, mark_names, metric_frame, plot_colors, preview_grid
-from app.ui import AppSettings, Studio, build_demo, launch_options, md_text, status_text
+from app.ui import AppSettings, Studio, build_demo, launch_local, md_text, status_text
 from lods.errors import UserError
 from lods.priors.base import PriorError
 
@@ -90,13 +90,9 @@ def serve(prior_factory, **settings):
         settings = AppSettings(policy=ModelPolicy(allowed=("toy", "sd21"), custom_ids=False),
                                run_overrides=OVERRIDES, **{"unload_grace_s": 0, **settings})
         demo = build_demo(jobs, settings)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                    **launch_options())
+        url = launch_local(demo)
         try:
-            yield f"http://127.0.0.1:{port}/", jobs
+            yield url, jobs
         finally:
             jobs.shutdown()
             demo.close()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import time
 import types
 
@@ -257,24 +256,21 @@ def test_panel_in_a_browser(tiny_prior, monkeypatch):
     playwright = pytest.importorskip("playwright.sync_api")
     from app.config import ModelPolicy
     from app.jobs import JobManager
-    from app.ui import AppSettings, build_demo
+    from app.ui import AppSettings, build_demo, launch_local
 
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     jobs = JobManager(prior_factory=lambda name, device: tiny_prior, join_timeout=20)
     settings = AppSettings(policy=ModelPolicy(allowed=("toy",), custom_ids=False),
                            run_overrides={"resolution": 16, "batch": 1, "snapshot_every": 2, "preview_views": 2})
     demo = build_demo(jobs, settings)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    url = launch_local(demo)
     try:
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
                                         args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
             try:
                 page = browser.new_page()
-                page.goto(f"http://127.0.0.1:{port}/")
+                page.goto(url)
                 page.get_by_role("tab", name="Inside one step").click()
                 page.locator("#inside-look").click()
                 page.wait_for_selector("#inside-notice :text('Nothing to look inside yet')", timeout=20_000)
