@@ -375,6 +375,13 @@ class Estimator:
         self._forward = 0
         self._backward = 0
         self._parts: dict[str, torch.Tensor] | None = None  # the predictions ``direction`` made (see ``_keep``)
+        # The update's own random stream (t, noise, camera dropout): the same draws whichever thread runs it.
+        self.generator: torch.Generator | None = None
+
+    def seed(self, seed: int) -> None:
+        """Give ``update`` its own random stream, seeded (the trainer does; without it, torch's global one);
+        unused by the estimators that learn nothing."""
+        self.generator = torch.Generator(self.prior.device).manual_seed(seed)
 
     def _keep(self, **eps: torch.Tensor) -> None:
         """What ``direction`` computed, for :func:`update_parts`: eps_c, and eps_null and eps_learned where made."""
@@ -652,12 +659,6 @@ class _Learner(Estimator):
         super().__init__(prior, config)
         self.params: list[nn.Parameter] = []
         self._pending: torch.Tensor | None = None
-        # The update's own random stream (t, noise, camera dropout): the same draws whichever thread runs it.
-        self.generator: torch.Generator | None = None
-
-    def seed(self, seed: int) -> None:
-        """Give ``update`` its own random stream, seeded (the trainer does; without it, torch's global one)."""
-        self.generator = torch.Generator(self.prior.device).manual_seed(seed)
 
     def _attach(self, params: list[nn.Parameter]) -> None:
         self.params = params

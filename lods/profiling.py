@@ -27,17 +27,19 @@ class PhaseTimer:
         self._local = threading.local()  # per thread: the learned update may run in a thread of its own
         self._add_lock = threading.Lock()
 
-    @property
-    def _stack(self) -> list[str]:
-        """The phases open in the calling thread, innermost last."""
+    def _thread(self) -> threading.local:
+        """The calling thread's own state: ``stack`` (the phases open in it, innermost last) and ``unet_start``."""
         if not hasattr(self._local, "stack"):
             self._local.stack, self._local.unet_start = [], []
-        return self._local.stack
+        return self._local
+
+    @property
+    def _stack(self) -> list[str]:
+        return self._thread().stack
 
     @property
     def _unet_start(self) -> list[float]:
-        self._stack  # noqa: B018 (creates the thread's lists)
-        return self._local.unet_start
+        return self._thread().unet_start
 
     def _add(self, name: str, seconds: float) -> None:
         with self._add_lock:

@@ -152,11 +152,11 @@ class Trainer:
                     self.null_emb = source_emb
         self.preview_cameras = turntable(config.preview_views, self.resolution)
         self.timer = PhaseTimer(enabled=False, device=self.device)  # enabled by `bench speed`
-        if hasattr(self.estimator, "seed"):
-            self.estimator.seed(config.seed + 1)
+        self.estimator.seed(config.seed + 1)
         lane = config.second_thread if config.second_thread is not None else self.device.type == "cpu"
-        self._background_update = bool(lane and self.estimator.update_in_background)
-        self._lane = ThreadPoolExecutor(1, thread_name_prefix="lods-update") if self._background_update else None
+        # The learned update's own thread, where the estimator allows it to run beside the next step
+        self._lane = (ThreadPoolExecutor(1, thread_name_prefix="lods-update")
+                      if lane and self.estimator.update_in_background else None)
         self._update: Future | None = None  # the learned update in flight in the lane
         self._update_stats: dict[str, float] | None = None  # the stats of the step that submitted it
         self._update_lock = threading.Lock()
@@ -237,6 +237,11 @@ class Trainer:
                 self.join_update()  # the update in flight keeps the rate it started with
             self.estimator.set_lr(knobs.learned_lr)
 
+    @property
+    def _background_update(self) -> bool:
+        """Whether the learned update runs in the lane (Algorithm 1, line 6 beside the next step)."""
+        return self._lane is not None
+
     def _run_update(self, z: torch.Tensor, text_emb: torch.Tensor, cams: Cameras) -> dict[str, float]:
         with self.timer.phase("learned_update"):
             return self.estimator.update(z, text_emb, self.null_emb, cams) or {}
@@ -278,8 +283,8 @@ class Trainer:
             loss, extra = self.total_loss(g, cams, out, knobs)
         stats: dict[str, float] = {}
         # Line 6 learns on this step's latents, as rendered before the theta step: a copy, since z may be the scene's
-        # own parameter (2D latents), which the optimizer changes in place.
-        z_seen = z.detach().clone()
+        # own parameter (2D latents), which the optimizer changes in place (no copy where nothing is learned).
+        z_seen = z.detach().clone() if self.estimator.learns else z.detach()
         if self._background_update:
             # Line 6 in the lane, beside this step's backward and the next step's render; its numbers join these
             # stats when it ends (join_update).
