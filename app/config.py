@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lods.config import BACKBONES, KNOB_LABELS, LIVE_KNOBS, RunConfig, check_cfg
+from lods.config import BACKBONES, KNOB_LABELS, LIVE_KNOBS, RunConfig, check_cfg, check_weight
 from lods.errors import UserError
 from lods.guidance import METHODS
 from lods.priors.diffusers_prior import HUB_ID, prior_defaults
@@ -146,13 +146,16 @@ def learns_parameters(method: str) -> bool:
 def build_run_config(
     *, prompt: Any, negative_prompt: Any, prior: str, backbone: Any, method: Any, cfg: Any, lr_scale: Any,
     learned_lr: Any, steps: Any, seed: Any, max_steps: int = 20_000, overrides: Mapping[str, Any] | None = None,
+    image: str | None = None, text_weight: Any = None, view_weight: Any = None,
 ) -> RunConfig:
     """A validated ``RunConfig`` from the page's fields, or a one-line ``UserError`` naming the bad one.
 
     ``overrides`` (render size, views per step, snapshot period, ...) come from the operator, never from the page.
+    ``image``: an input view's path makes the run image-to-3D (an empty prompt then takes the toy world's caption
+    of it), with the two priors' weights ``text_weight`` and ``view_weight`` (None: Magic123's).
     """
     prompt = _text(prompt, "prompt")
-    if not prompt:
+    if not prompt and not image:
         raise UserError("the prompt is empty")
     negative = _text(negative_prompt, "negative prompt")
     if backbone not in BACKBONES:
@@ -166,6 +169,14 @@ def build_run_config(
         learned_lr=page_knob("learned_lr", learned_lr) if learns_parameters(method) else None,
         steps=_integer(steps, "number of steps", 1, max_steps), seed=_integer(seed, "seed", 0, MAX_SEED),
     )
-    config = RunConfig.from_dict(values)
+    if image:
+        from lods.runs.image3d import with_image
+
+        values["image3d"] = {**values.get("image3d", {}), **{
+            name: check_weight(_number(value, KNOB_LABELS[name]), KNOB_LABELS[name])
+            for name, value in (("text_weight", text_weight), ("view_weight", view_weight)) if value is not None}}
+        config = with_image(RunConfig.from_dict(values), image)
+    else:
+        config = RunConfig.from_dict(values)
     config.validate()
     return config

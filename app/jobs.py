@@ -8,7 +8,6 @@ a temporary folder of its own, and that folder is the only place its downloads c
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import shutil
@@ -24,11 +23,12 @@ import torch
 
 from app.config import page_knob
 from lods import zerogpu
-from lods.config import Knobs, RunConfig
+from lods.config import Knobs, RunConfig, config_knob, with_knobs
 from lods.errors import UserError, one_line
 from lods.priors.base import DiffusionPrior
 from lods.runs import write_run_folder
 from lods.runs.compare import Comparison, Slot
+from lods.runs.image3d import build_trainer
 from lods.trainer import PriorCache, Snapshot, Trainer, resolve_device, shared_prior
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class Job:
 
     def knob(self, name: str) -> Any:
         """The live value of knob ``name`` (the config's before the trainer exists)."""
-        return getattr(self.trainer.knobs if self.trainer is not None else self.config, name)
+        return getattr(self.trainer.knobs, name) if self.trainer is not None else config_knob(self.config, name)
 
 
 class JobManager:
@@ -319,10 +319,11 @@ class JobManager:
                 if job.stop_requested:
                     job.phase, job.message = "stopped", "stopped before training began"
                     return
+                config = job.config  # with the knobs turned while the prior loaded
             if job.is_comparison:
                 self._run_comparison(job, prior)
                 return
-            trainer = Trainer(replace(config, device="cpu") if sliced else config, prior=prior, out_dir=job.out_dir)
+            trainer = build_trainer(replace(config, device="cpu") if sliced else config, prior, out_dir=job.out_dir)
             trainer.subscribe(lambda e: self._publish(e.snapshot) if e.kind == "snapshot" else None)
             with self._lock:
                 listeners = list(self._trainer_listeners)
@@ -413,7 +414,7 @@ class JobManager:
         go into the job's config.
         """
         checked = {name: page_knob(name, value) for name, value in knobs.items()}
-        Knobs(cfg=1.0).replace(None, **checked)  # ranges first: a bad value is refused before anything is touched
+        Knobs(cfg=1.0, text_weight=0.0, view_weight=0.0).replace(None, **checked)  # ranges first: refused early
         with self._lock:
             job = self._owned_active(owner)
             if job is None:
@@ -421,8 +422,8 @@ class JobManager:
             if job.is_comparison:
                 raise UserError("a comparison keeps the settings it started with; stop it to change them")
             if job.trainer is None:
-                Knobs.of(job.config).replace(job.config.method, **checked)  # the same checks as a running trainer's
-                job.config = dataclasses.replace(job.config, **checked)
+                # the same checks as a running trainer's
+                job.config = with_knobs(job.config, Knobs.of(job.config).replace(job.config.method, **checked))
             else:
                 job.trainer.set_knobs(**checked)
             return job

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import torch
 
 from app.config import (
     APP_METHODS,
@@ -27,18 +29,26 @@ from app.config import (
     page_knob,
     round_weight,
 )
-from app.format import BACKBONE_LABELS, METHOD_LABELS, notice, queue_text, result_model, status_text
+from app.format import BACKBONE_LABELS, METHOD_LABELS, md_text, notice, queue_text, result_model, status_text
 from app.history import history_html
 from app.jobs import Job, NotOwner, one_line
 from app.plots import PLOTS, mark_names, metric_frame, placeholder_frame, plot_colors, preview_grid
 from app.sessions import cached_copies, session_of
-from lods.config import KNOB_LABELS
+from lods.config import KNOB_LABELS, Image3DConfig
 from lods.errors import UserError
 from lods.guidance import METHODS
 from lods.runs import PRESETS
 
 CFG_QUICK = (7.5, 30.0, 100.0, 1000.0, math.inf)  # the one-click weights under the CFG box
 PREVIEW_SIDE = 320  # each preview view is sent enlarged (nearest) to at least this many pixels
+NO_WORLD_SCENE = -1
+WORLD_SCENES = 9  # the held-out world scenes offered as input views: those of `bench image3d` (three a category)
+IMAGE3D_HELP = (
+    "With an input view the run is **image to 3D** (the paper's section 4.2, after Magic123): the render at the "
+    "input camera learns the image, a view-conditioned prior (Zero-1-to-3 on the toy world) shapes the novel "
+    "views, and the text prior, with the method and CFG above, gives their texture. An empty prompt takes the "
+    "toy world's caption of the image. The renders show the input and, for a world render, its true views at "
+    "+90°, +180° and +270° above; below, the render at the input camera and the generated views.")
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,8 @@ class Defaults:
     lr_scale: float = 1.0
     steps: int = PRESETS["gs"]["steps"]
     seed: int = 0
+    text_weight: float = Image3DConfig.text_weight
+    view_weight: float = Image3DConfig.view_weight
 
     @property
     def learned_lr(self) -> float:
@@ -67,14 +79,17 @@ class StudioTab:
     # ------------------------------------------------------------------ buttons
 
     def start(self, prompt: Any, negative_prompt: Any, prior: Any, custom_model: Any, backbone: Any, method: Any,
-              cfg: Any, lr_scale: Any, learned_lr: Any, steps: Any, seed: Any,
+              cfg: Any, lr_scale: Any, learned_lr: Any, steps: Any, seed: Any, image: Any = None,
+              world_scene: Any = NO_WORLD_SCENE, text_weight: Any = None, view_weight: Any = None,
               request: gr.Request = None) -> str:
+        """Start (or queue) a run; with an input view (an upload, or a world render picked) it is image-to-3D."""
         try:
             name = self.settings.policy.resolve(prior, custom_model)
             config = build_run_config(
                 prompt=prompt, negative_prompt=negative_prompt, prior=name, backbone=backbone, method=method,
                 cfg=cfg, lr_scale=lr_scale, learned_lr=learned_lr, steps=steps, seed=seed,
                 max_steps=self.settings.max_steps, overrides=self.settings.run_overrides,
+                image=self.input_view(image, world_scene), text_weight=text_weight, view_weight=view_weight,
             )
             job = self.manager.start_or_queue(config, owner=self._session(request))
         except UserError as err:
@@ -83,6 +98,45 @@ class StudioTab:
             return notice(f"Another session's run is in progress: yours is queued (position {job}) and starts "
                           "when the device is free; keep this tab open.")
         return notice(f"Started run {job.id}.")
+
+    def input_view(self, image: Any, world_scene: Any) -> str | None:
+        """The input view's path: a picked world render (written once, with its JSON of caption and camera, so
+        that the run measures its novel views against the world's), else the upload, else None (text-to-3D)."""
+        if world_scene not in (None, "", NO_WORLD_SCENE):
+            from lods.runs.image3d import world_input
+
+            index = int(_number_or(world_scene, -1))
+            if not 0 <= index < WORLD_SCENES:
+                raise UserError(f"there is no world scene {md_text(str(world_scene))[:20]}")
+            path = self._inputs_dir() / f"world-scene-{index}.png"
+            if not path.is_file():
+                world_input(path, index)
+            return str(path)
+        if image is None or image == "":
+            return None
+        if not isinstance(image, str):
+            raise UserError("the input view must be an uploaded image file")
+        return image
+
+    def world_picked(self, world_scene: Any) -> Any:
+        """A world render picked: it shows in the input box (or a one-line error where it cannot be made)."""
+        try:
+            path = self.input_view(None, world_scene)
+        except UserError as err:
+            gr.Warning(one_line(err))
+            return gr.skip()
+        return path
+
+    @staticmethod
+    def reset_input() -> tuple:
+        """Reset: no input view, Magic123's weights."""
+        return None, NO_WORLD_SCENE, DEFAULTS.text_weight, DEFAULTS.view_weight
+
+    def _inputs_dir(self) -> Path:
+        folder = getattr(self, "_world_inputs", None)
+        if folder is None:
+            folder = self._world_inputs = Path(tempfile.mkdtemp(prefix="lods-inputs-"))
+        return folder
 
     def _toggle_pause(self, job: Job, request: gr.Request | None) -> tuple[str, bool | None]:
         """Pause a running job or resume a paused one; the notice and the new paused state (None: refused)."""
@@ -193,6 +247,18 @@ class StudioTab:
     def set_lr_scale(self, value: Any, request: gr.Request = None) -> str:
         return self._knob("lr_scale", value, request)
 
+    def _weight(self, name: str, value: Any, request: gr.Request | None) -> str:
+        job = self.manager.current()
+        if job is not None and job.active and not job.is_comparison and job.knob(name) is None:
+            return notice("This run is text-to-3D; the priors' weights apply to runs with an input view.")
+        return self._knob(name, value, request)
+
+    def set_text_weight(self, value: Any, request: gr.Request = None) -> str:
+        return self._weight("text_weight", value, request)
+
+    def set_view_weight(self, value: Any, request: gr.Request = None) -> str:
+        return self._weight("view_weight", value, request)
+
     def set_learned_lr(self, value: Any, request: gr.Request = None) -> str:
         job = self.manager.current()
         if job is not None and job.active and not learns_parameters(job.config.method):
@@ -298,8 +364,12 @@ class StudioTab:
                 plots = [_plot_update(spec, metric_frame(snap.history, changes, spec), changes,
                                       spec.applies(method, backbone)) for spec in PLOTS]
                 frames = self.history.frames(job.trainer) if job.trainer is not None else []
-                self._drawn = (key, (preview_grid(snap.previews, min_side=PREVIEW_SIDE, cols=2), plots,
-                                     history_html(frames, changes)))
+                if hasattr(job.trainer, "reference_row"):  # image to 3D: the input and the world's views above
+                    views = torch.cat([job.trainer.reference_row(), snap.previews.float()])
+                    grid = preview_grid(views, min_side=PREVIEW_SIDE * 3 // 4, cols=len(snap.previews))
+                else:
+                    grid = preview_grid(snap.previews, min_side=PREVIEW_SIDE, cols=2)
+                self._drawn = (key, (grid, plots, history_html(frames, changes)))
             return self._drawn[1]
 
     def draw(self, view: dict | None, request: gr.Request = None) -> tuple:
@@ -356,6 +426,21 @@ class StudioTab:
         if "phase" in changed:
             model, files, *buttons = self._phase_outputs(job, kept, me)[:-1]
         return (status, renders, model, *plots, strip, files, *buttons, view)
+
+
+def _number_or(value: Any, default: float) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def world_scene_choices() -> list[tuple[str, int]]:
+    """The input-view picker's entries: none, then the view-conditioned prior's held-out world scenes."""
+    from lods.priors.toy.views import held_out_scene
+
+    return [("none (text to 3D, or the upload)", NO_WORLD_SCENE)] + [
+        (f"world scene {i}: {held_out_scene(i).caption}", i) for i in range(WORLD_SCENES)]
 
 
 def _fields(update: dict) -> dict:
@@ -430,6 +515,19 @@ def studio_layout(settings: Any, defaults: Any) -> dict[str, Any]:
                                      label="Scene learning-rate scale", info="live")
                 learned_lr = gr.Number(value=d.learned_lr, label="Learned-parameter learning rate",
                                        info="alpha or LoRA step size (live)", elem_id="learned-lr")
+            with gr.Accordion("Image to 3D: an input view (optional)", open=False, elem_id="image3d"):
+                gr.Markdown(IMAGE3D_HELP)
+                with gr.Row():
+                    image_in = gr.Image(type="filepath", image_mode="RGBA", sources=["upload", "clipboard"],
+                                        label="Input view", height=180, elem_id="image-in")
+                    world_pick = gr.Dropdown(world_scene_choices(), value=NO_WORLD_SCENE,
+                                             label="…or a world render (its true novel views are known)",
+                                             elem_id="world-pick")
+                with gr.Row():
+                    text_weight = gr.Slider(0, 10, value=d.text_weight, step=0.1, label="Text prior's weight",
+                                            info="live; texture (the method above)", elem_id="text-weight")
+                    view_weight = gr.Slider(0, 200, value=d.view_weight, step=1, label="View prior's weight",
+                                            info="live; shape (Zero-1-to-3 SDS)", elem_id="view-weight")
             negative = gr.Textbox(label="Negative prompt", value=d.negative_prompt, max_length=MAX_TEXT,
                                   placeholder="empty: the null prompt, as in Stable Diffusion")
             custom = gr.Textbox(label="…or a Hugging Face model id", value=d.custom_model,
@@ -464,4 +562,5 @@ def studio_layout(settings: Any, defaults: Any) -> dict[str, Any]:
                 cfg=cfg, cfg_log=cfg_log, cfg_quick=quick, lr_scale=lr_scale, learned_lr=learned_lr, steps=steps,
                 seed=seed, start_btn=start_btn, pause_btn=pause_btn, stop_btn=stop_btn, reset_btn=reset_btn,
                 note=note, status=status, renders=renders, history=history, model3d=model3d, plots=plots,
-                files=files)
+                files=files, image_in=image_in, world_pick=world_pick, text_weight=text_weight,
+                view_weight=view_weight)

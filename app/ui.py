@@ -25,7 +25,7 @@ from app.history import RenderHistory
 from app.inside_panel import inside_panel
 from app.jobs import JobManager
 from app.sessions import on_event_loop, session_of
-from app.studio_tab import CFG_QUICK, DEFAULTS, StudioTab, studio_layout
+from app.studio_tab import CFG_QUICK, DEFAULTS, NO_WORLD_SCENE, StudioTab, studio_layout
 
 TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
 # While the log-scale slider is dragged, the CFG box shows its weight (two significant digits, as applied).
@@ -148,7 +148,10 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
         c_start, c_pause, c_stop, c_note, c_status, c_gallery, c_table, c_files = (
             c[k] for k in ("start", "pause", "stop", "note", "status", "gallery", "table", "files"))
 
-        setup = [prompt, negative, prior, custom, backbone, method, cfg, lr_scale, learned_lr, steps, seed]
+        image_in, world_pick, text_weight, view_weight = (s[k] for k in ("image_in", "world_pick", "text_weight",
+                                                                         "view_weight"))
+        setup = [prompt, negative, prior, custom, backbone, method, cfg, lr_scale, learned_lr, steps, seed,
+                 image_in, world_pick, text_weight, view_weight]
         controls = [prompt, negative, prior, custom, backbone, method, cfg, cfg_log, lr_scale, learned_lr, steps,
                     seed]
         buttons = [pause_btn, start_btn, stop_btn, reset_btn]
@@ -158,6 +161,16 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
         pause_btn.click(studio.toggle_pause, None, [note, pause_btn], api_name="pause", **quick)
         stop_btn.click(studio.stop, None, note, api_name="stop", **quick)
         reset_btn.click(studio.reset, view, [*controls, note, *polled], api_name="reset")
+        reset_btn.click(studio.reset_input, None, [image_in, world_pick, text_weight, view_weight],
+                        api_visibility="private", **quick)
+        # The input view: a world render picked shows in the image box; an upload (or clearing it) unpicks it.
+        world_pick.select(studio.world_picked, world_pick, image_in, api_visibility="private")
+        gr.on([image_in.upload, image_in.clear], lambda: NO_WORLD_SCENE, None, world_pick,
+              api_visibility="private", queue=False)
+        text_weight.release(on_event_loop(studio.set_text_weight), text_weight, note, api_name="set_text_weight",
+                            **quick)
+        view_weight.release(on_event_loop(studio.set_view_weight), view_weight, note, api_name="set_view_weight",
+                            **quick)
         # The CFG weight: Enter or leaving the box applies what the box holds; the slider over log10 w shows the
         # weight while it is dragged (in the browser) and applies it when released; the buttons apply theirs.
         gr.on([cfg.submit, cfg.blur], on_event_loop(studio.set_cfg), cfg, [note, cfg, cfg_log], api_name="set_cfg",
@@ -180,13 +193,14 @@ def build_demo(manager: JobManager, settings: AppSettings | None = None,
                       **quick)
         backbone.select(studio.backbone_changed, [backbone, steps], steps, api_visibility="private", **quick)
         prompt.change(None, prompt, c_prompt, js="(text) => text", api_visibility="private", queue=False)
-        c_preset.change(studio.compare_preset, c_preset, [*slot_inputs, c_steps, c_backbone, c_look_for],
+        c_preset.change(studio.compare_preset, c_preset, [*slot_inputs, c_steps, c_backbone, c_look_for,
+                                                          c["input_view"]],
                         api_visibility="private", **quick)
         for i in range(0, len(slot_inputs), 2):
             slot_inputs[i].change(studio.compare_slot_changed, slot_inputs[i], slot_inputs[i + 1],
                                   api_visibility="private", **quick)
-        c_start.click(studio.compare_start, [c_prompt, c_prior, c_backbone, c_steps, c_seed, *slot_inputs], c_note,
-                      api_name="compare_start")
+        c_start.click(studio.compare_start, [c_prompt, c_prior, c_backbone, c_steps, c_seed, *slot_inputs,
+                                             c["input_view"]], c_note, api_name="compare_start")
         c_pause.click(studio.compare_pause, None, c_note, api_name="compare_pause", **quick)
         c["replay"].change(studio.compare_replay, c["replay"], c["replay_panes"], api_name="compare_replay",
                            trigger_mode="always_last", **quick)

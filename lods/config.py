@@ -46,6 +46,7 @@ class Image3DConfig:
     2.85, fovy 42.5.
     """
 
+    input_image: str = ""  # the input view's path: set, the run is image-to-3D (``generate --image``, the app)
     view_prior: str = "toy-views"
     rgb_weight: float = 5.0
     mask_weight: float = 0.5
@@ -71,9 +72,13 @@ class Image3DConfig:
             raise ValueError(f"view_method must be sds or lods-embed, not {self.view_method!r}")
 
 
-LIVE_KNOBS = ("cfg", "lr_scale", "learned_lr")  # the knobs a running run accepts; the same names everywhere
+# The knobs a running run accepts; the same names everywhere. The two priors' weights turn in image-to-3D runs only.
+LIVE_KNOBS = ("cfg", "lr_scale", "learned_lr", "text_weight", "view_weight")
 KNOB_LABELS = {"cfg": "CFG weight", "lr_scale": "scene learning-rate scale",
-               "learned_lr": "learned-parameter learning rate"}
+               "learned_lr": "learned-parameter learning rate", "text_weight": "text prior's weight",
+               "view_weight": "view prior's weight"}
+WEIGHT_KNOBS = ("text_weight", "view_weight")  # in the ``image3d`` section of a RunConfig
+MAX_PRIOR_WEIGHT = 1e4
 DEVICE_RE = re.compile(r"(cpu|cuda)(:\d+)?")
 MAX_PROMPT = 1000
 _RANGES = (  # (field, lowest, highest) of the integer settings
@@ -201,12 +206,14 @@ class Knobs:
     cfg: float
     lr_scale: float = 1.0  # multiplies every scene learning rate
     learned_lr: float | None = None  # the alpha / LoRA rate; None: the estimator's own
+    text_weight: float | None = None  # image-to-3D: the text prior's weight (None in text-to-3D runs)
+    view_weight: float | None = None  # image-to-3D: the view-conditioned prior's weight
     paused: bool = False
     stop: bool = False
 
     @classmethod
     def of(cls, config: RunConfig) -> Knobs:
-        return cls(cfg=config.cfg, lr_scale=config.lr_scale, learned_lr=config.learned_lr)
+        return cls(**{name: config_knob(config, name) for name in LIVE_KNOBS})
 
     def replace(self, method: str | None, **changes: Any) -> Knobs:
         """A copy with ``changes``, each checked for ``method`` (one-line ``UserError`` otherwise; with ``method``
@@ -217,6 +224,10 @@ class Knobs:
                 checked[name] = check_cfg(value, method)
             elif name in ("lr_scale", "learned_lr"):
                 checked[name] = None if value is None and name == "learned_lr" else check_lr(value, KNOB_LABELS[name])
+            elif name in WEIGHT_KNOBS:
+                if self.text_weight is None:
+                    raise UserError(f"the {KNOB_LABELS[name]} turns in image-to-3D runs only")
+                checked[name] = check_weight(value, KNOB_LABELS[name])
             elif name in ("paused", "stop"):
                 checked[name] = bool(value)
             else:
@@ -231,6 +242,27 @@ def check_cfg(value: Any, method: str | None = None) -> float:
     if math.isinf(value) and method is not None and METHODS[method].finite_cfg_only:
         takes = ", ".join(m for m, cls in METHODS.items() if not cls.finite_cfg_only)
         raise UserError(f"{method} diverges at an infinite CFG weight; use a finite one, or one of {takes}")
+    return float(value)
+
+
+def config_knob(config: RunConfig, name: str) -> Any:
+    """The value ``config`` gives the live knob ``name`` (the priors' weights: None unless the run is image-to-3D)."""
+    if name in WEIGHT_KNOBS:
+        return getattr(config.image3d, name) if config.image3d.input_image else None
+    return getattr(config, name)
+
+
+def with_knobs(config: RunConfig, knobs: Knobs) -> RunConfig:
+    """``config`` with the live knobs' values (the priors' weights into its ``image3d`` section)."""
+    top = {name: getattr(knobs, name) for name in LIVE_KNOBS if name not in WEIGHT_KNOBS}
+    weights = {name: getattr(knobs, name) for name in WEIGHT_KNOBS if getattr(knobs, name) is not None}
+    return dataclasses.replace(config, **top, image3d=dataclasses.replace(config.image3d, **weights))
+
+
+def check_weight(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= MAX_PRIOR_WEIGHT:
+        raise UserError(f"the {what} must be a number between 0 and {MAX_PRIOR_WEIGHT:g}, not {value}")
     return float(value)
 
 

@@ -36,7 +36,7 @@ import torch
 
 from lods import checkpoint
 from lods.cameras import Cameras, sample_cameras, turntable, view_suffix
-from lods.config import LIVE_KNOBS, Knobs, RunConfig, check_resumable
+from lods.config import LIVE_KNOBS, Knobs, RunConfig, check_resumable, config_knob, with_knobs
 from lods.errors import UserError
 from lods.export import atomic_path
 from lods.guidance import make_estimator
@@ -449,6 +449,10 @@ class Trainer:
     # ------------------------------------------------------------------ snapshots
 
     @torch.no_grad()
+    def export_extra(self, out: Path) -> tuple[dict[str, Any], list[str]]:
+        """Result files beyond the scene's, written into ``out`` at export: (summary entries, file names)."""
+        return {}, []
+
     def render_views(self, cameras: Cameras) -> RenderOutput:
         """Display renders of the scene from ``cameras`` (the image itself for 2D runs); the run's RNG untouched."""
         return self.scene.previews(self.prior, cameras, self.background(len(cameras)))
@@ -488,11 +492,10 @@ class Trainer:
         with self.lock:
             knobs = self.knobs
         resolved = {**self._resolved, "device": self.trains_on or self._resolved["device"]}
+        if knobs.learned_lr is None:
+            knobs = dataclasses.replace(knobs, learned_lr=self.estimator.lr)
         return dataclasses.replace(
-            self.config,
-            cfg=knobs.cfg,
-            lr_scale=knobs.lr_scale,
-            learned_lr=knobs.learned_lr if knobs.learned_lr is not None else self.estimator.lr,
+            with_knobs(self.config, knobs),
             threads=torch.get_num_threads(),  # torch's CPU threads (set here on CPU)
             **resolved,
         )
@@ -563,8 +566,9 @@ class Trainer:
         self.step = self.checkpoint_step = ck["step"]
         self._apply_knobs(self.knobs)
         # This run's own settings of the live knobs win over the checkpoint's, as knob changes at this step.
-        changes = {name: getattr(self.config, name) for name in LIVE_KNOBS
-                   if getattr(self.config, name) is not None and getattr(self.config, name) != getattr(saved, name)}
+        changes = {name: config_knob(self.config, name) for name in LIVE_KNOBS
+                   if config_knob(self.config, name) is not None
+                   and config_knob(self.config, name) != config_knob(saved, name)}
         if changes:
             self.set_knobs(**changes)
 

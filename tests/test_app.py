@@ -23,6 +23,7 @@ import torch
 from app.config import ModelPolicy, build_run_config, restricted_server
 from app.jobs import JobManager, NotOwner
 from app.plots import PLOTS, mark_names, metric_frame, plot_colors, preview_grid
+from app.studio_tab import NO_WORLD_SCENE
 from app.ui import AppSettings, Studio, build_demo, launch_local, md_text, status_text
 from lods.errors import UserError
 from lods.priors.base import PriorError
@@ -777,9 +778,10 @@ def test_compare_tab_callbacks(manager):
     # every lesson is a preset: its slots, steps, backbone and the sentence of what to look for
     assert list(COMPARE_PRESETS_SHOWN)[: len(LESSONS)] == list(LESSONS)
     for name, lesson in LESSONS.items():
-        *slots, steps, backbone, look = Studio.compare_preset(name)
+        *slots, steps, backbone, look, input_view = Studio.compare_preset(name)
         assert [slots[2 * i] for i in range(len(lesson.slots))] == [s.method for s in lesson.slots]
         assert steps == lesson.steps and backbone == lesson.backbone and lesson.look_for.split()[0] in look
+        assert input_view == NO_WORLD_SCENE  # the lessons are text to 3D
         off = [slots[2 * i + 1]["visible"] for i in range(len(slots) // 2) if slots[2 * i] == "off"]
         assert not any(off)  # an "off" slot hides its CFG weight
     assert Studio.compare_slot_changed("off")["visible"] is False and Studio.compare_slot_changed("sds")["visible"]

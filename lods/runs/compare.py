@@ -20,6 +20,7 @@ from lods.config import RunConfig, cfg_label
 from lods.errors import UserError
 from lods.guidance import METHODS
 from lods.priors.base import DiffusionPrior
+from lods.runs.image3d import build_trainer
 from lods.trainer import Snapshot, Trainer
 
 MIN_RUNS, MAX_RUNS = 2, 4
@@ -76,7 +77,7 @@ class Comparison:
         self.frames: list[list[tuple[int, torch.Tensor]]] = [[] for _ in configs]
         try:
             for i, config in enumerate(configs):
-                trainer = Trainer(config, prior=prior)
+                trainer = build_trainer(config, prior)  # image-to-3D where the config has an input image
                 trainer.subscribe(lambda e, i=i: self._record(i, e.snapshot) if e.kind == "snapshot" else None)
                 if on_snapshot is not None:
                     trainer.subscribe(lambda e, i=i: on_snapshot(i, e.snapshot) if e.kind == "snapshot" else None)

@@ -50,6 +50,7 @@ def write_run_folder(trainer: Trainer, out: Path, status: str, seconds: float | 
         raise ValueError("a diverged run's state is not written")
     out.mkdir(parents=True, exist_ok=True)
     results = export_results(trainer, out, video_frames=60 if video else 0)
+    extra, extra_files = trainer.export_extra(out)
     ran = trainer.resolved_config()
     summary = {
         "prompt": ran.prompt,
@@ -66,14 +67,15 @@ def write_run_folder(trainer: Trainer, out: Path, status: str, seconds: float | 
         "device": str(trainer.device),
         "final_metrics": results.pop("metrics"),
         "files": results,
+        **extra,
     }
     write_config(out / "config.yaml", ran)
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2, default=_json_default))
     with atomic_path(out / "metrics.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(h, default=_json_default) + "\n" for h in trainer.history))
-    names = [*[v for v in results.values() if isinstance(v, str)], "config.yaml", "summary.json", "metrics.jsonl",
-             checkpoint.LATEST]
+    names = [*[v for v in results.values() if isinstance(v, str)], *extra_files, "config.yaml", "summary.json",
+             "metrics.jsonl", checkpoint.LATEST]
     return summary, [out / name for name in names if (out / name).is_file()]
 
 

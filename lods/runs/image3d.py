@@ -32,7 +32,7 @@ from lods.export import atomic_path, image_grid, write_png
 from lods.guidance import detached_target_loss
 from lods.runs.folder import prepare_out
 from lods.runs.generation import read_image
-from lods.trainer import Trainer, load_prior, resolve_device, write_config
+from lods.trainer import PriorCache, Trainer, load_prior, resolve_device
 
 MAX_INPUT_PIXELS = 4096 * 4096
 NORMALIZED = ("sds-norm", "lods-embed", "lods-lora")  # Eq. 3 divided by the CFG weight (Eqs. 7 and 9)
@@ -124,6 +124,9 @@ class ImageTo3DTrainer(Trainer):
     def __init__(self, config: RunConfig, image: InputImage, view_prior: Any, prior: Any = None,
                  out_dir: str | Path | None = None) -> None:
         super().__init__(config, prior=prior, out_dir=out_dir)
+        if self.knobs.text_weight is None:  # an input given here, not by path in the config: the weights turn too
+            self.knobs = dataclasses.replace(self.knobs, text_weight=config.image3d.text_weight,
+                                             view_weight=config.image3d.view_weight)
         self.input = image
         self.ref_camera = reference_camera(config, image.sidecar, self.resolution).to(self.device)
         self.ref_rgb = F.interpolate(image.rgb, size=(self.resolution,) * 2, mode="bilinear", antialias=True,
@@ -133,6 +136,9 @@ class ImageTo3DTrainer(Trainer):
         self.view_prior = view_prior
         cam = self.ref_camera
         view_prior.set_reference(image.rgb, float(cam.elevation[0]), float(cam.azimuth[0]), float(cam.distance[0]))
+        self.view_reference = view_prior.reference  # this run's input, set again before each use (a shared prior)
+        # The live previews: the input camera first, then the novel views that novel_views.png shows.
+        self.preview_cameras = input_and_novel_cameras(self.ref_camera.to("cpu"), self.resolution)
         self.view_gen = torch.Generator().manual_seed(config.seed + 1)
         self.view_null: torch.Tensor | None = None
         if config.image3d.view_method == "lods-embed":
@@ -151,6 +157,7 @@ class ImageTo3DTrainer(Trainer):
         """The view-conditioned prior's SDS (or LODS on its null token) on the step's renders."""
         cfg = self.config.image3d
         vp = self.view_prior
+        vp.reference = self.view_reference  # the runs of a comparison share one view prior
         el, az, dist = cams.elevation, cams.azimuth, cams.distance
         if self.view_null is None:
             return vp.sds_loss(rgb, el, az, dist, guidance_scale=cfg.view_cfg, generator=self.view_gen), {}
@@ -182,20 +189,82 @@ class ImageTo3DTrainer(Trainer):
         if cfg.text_times_cfg and self.config.method in NORMALIZED and np.isfinite(knobs.cfg):
             text = text * knobs.cfg
         rgb_loss, mask_loss = self.reference_loss()
-        if cfg.view_weight > 0:
+        text_weight, view_weight = knobs.text_weight, knobs.view_weight  # live knobs, from cfg at the start
+        if view_weight > 0:
             view, extra = self.view_loss(out.rgb, cams)
         else:
             view, extra = torch.zeros((), device=self.device), {}
-        total = (cfg.text_weight * text + cfg.rgb_weight * rgb_loss + cfg.mask_weight * mask_loss
-                 + cfg.view_weight * view)
+        total = (text_weight * text + cfg.rgb_weight * rgb_loss + cfg.mask_weight * mask_loss
+                 + view_weight * view)
         return total, {"ref_rgb_loss": float(rgb_loss.detach()), "ref_mask_loss": float(mask_loss.detach()),
                        "view_sds_loss": float(view.detach()), **extra}
+
+
+    def reference_row(self) -> torch.Tensor:
+        """(1 + novel views, 3, R, R): the input, then the world's true views at the preview cameras' novel
+        azimuths where the input is a world render (white otherwise), for the page above the live previews."""
+        if getattr(self, "_reference_row", None) is None:
+            cams = self.preview_cameras[1:]
+            truth = world_truth(self.input.sidecar, cams)
+            size = (self.resolution, self.resolution)
+            if truth is None:
+                truth = torch.ones(len(cams), 3, *size)
+            truth = F.interpolate(truth.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+            self._reference_row = torch.cat([self.ref_rgb.float().cpu(), truth])
+        return self._reference_row
+
+    def export_extra(self, out: Path) -> tuple[dict[str, Any], list[str]]:
+        """``reference.png`` (the input and its mask) and ``novel_views.png`` with their measures."""
+        inp = self.input
+        write_png(out / "reference.png", image_grid(torch.cat([inp.rgb, inp.mask.expand(-1, 3, -1, -1)]), cols=2))
+        return {"image3d": novel_views(self, out)}, ["reference.png", "novel_views.png"]
+
+
+def input_and_novel_cameras(ref: Cameras, size: int) -> Cameras:
+    """The input camera, then the input azimuth plus ``NOVEL_AZIMUTHS`` at elevation 20 (the world's default
+    distance and field of view)."""
+    k = len(NOVEL_AZIMUTHS)
+    az = torch.tensor([float(ref.azimuth[0]) + a for a in NOVEL_AZIMUTHS])
+    return orbit(torch.cat([ref.azimuth[:1].float(), az]),
+                 torch.cat([ref.elevation[:1].float(), torch.full((k,), 20.0)]),
+                 torch.cat([ref.distance[:1].float(), torch.full((k,), DEFAULT_CAMERA["distance"])]),
+                 torch.cat([torch.rad2deg(ref.fovy[:1].float()), torch.full((k,), DEFAULT_CAMERA["fovy"])]),
+                 size, size)
 
 
 def load_view_prior(name: str, device: torch.device):
     from lods.priors.views import ViewConditionedPrior
 
     return ViewConditionedPrior.from_pretrained(name, device=device)
+
+
+view_priors = PriorCache(load_view_prior)  # the app's and the comparisons' runs share the last one loaded
+
+
+def with_image(config: RunConfig, image: str | Path) -> RunConfig:
+    """``config`` as an image-to-3D run of ``image``: its path in ``image3d.input_image`` and, on the toy prior, an
+    empty prompt filled with the input's caption (its sidecar's, else the judge's reading). A one-line
+    ``UserError`` for a bad image, a 2D backbone, or an empty prompt on a prior that cannot caption."""
+    if config.backbone not in ("gs", "nerf"):
+        raise UserError(f"image-to-3D needs a 3D backbone (gs or nerf), not {config.backbone!r}")
+    inp = load_input_image(image, 64)  # read and checked once here, before any run starts
+    prompt = config.prompt if isinstance(config.prompt, str) else ""
+    if not prompt.strip():
+        if config.prior != "toy":
+            raise UserError("a prompt is needed with this prior (only the toy world can caption an image)")
+        prompt = inp.sidecar.get("caption") or caption_from_judge(inp.rgb)
+    return dataclasses.replace(config, prompt=prompt,
+                               image3d=dataclasses.replace(config.image3d, input_image=str(image)))
+
+
+def build_trainer(config: RunConfig, prior: Any, out_dir: str | Path | None = None, view_prior: Any = None
+                  ) -> Trainer:
+    """The trainer of ``config``: image-to-3D where ``config.image3d.input_image`` is set, else text-to-3D."""
+    if not config.image3d.input_image:
+        return Trainer(config, prior=prior, out_dir=out_dir)
+    inp = load_input_image(config.image3d.input_image, prior.image_size)
+    view_prior = view_prior or view_priors(config.image3d.view_prior, resolve_device(config.device))
+    return ImageTo3DTrainer(config, inp, view_prior, prior=prior, out_dir=out_dir)
 
 
 def generate_from_image(config: RunConfig | dict[str, Any], image: str | Path, out: str | Path, prior: Any = None,
@@ -209,28 +278,17 @@ def generate_from_image(config: RunConfig | dict[str, Any], image: str | Path, o
         config = dict(config)
         config.setdefault("prompt", "")
         config = RunConfig.from_dict(with_preset(config))
-    if config.backbone not in ("gs", "nerf"):
-        raise UserError(f"image-to-3D needs a 3D backbone (gs or nerf), not {config.backbone!r}")
+    config = with_image(config, image)
+    config.validate()
     device = resolve_device(config.device)
     prior = prior or load_prior(config.prior, device)
-    inp = load_input_image(image, prior.image_size)
-    if not config.prompt.strip():
-        if config.prior != "toy":
-            raise UserError("--prompt is needed with this prior (only the toy world can caption an image)")
-        caption = inp.sidecar.get("caption") or caption_from_judge(inp.rgb)
-        config = dataclasses.replace(config, prompt=caption)
-    config.validate()
     out = prepare_out(out)
-    view_prior = view_prior or load_view_prior(config.image3d.view_prior, device)
-    trainer = ImageTo3DTrainer(config, inp, view_prior, prior=prior, out_dir=out)
-    write_png(out / "reference.png", image_grid(torch.cat([inp.rgb, inp.mask.expand(-1, 3, -1, -1)]), cols=2))
+    trainer = build_trainer(config, prior, out_dir=out, view_prior=view_prior)
     t0 = time.perf_counter()
     summary = run_and_export(trainer, out, show_progress=progress, video=video)
-    summary["image3d"] = novel_views(trainer, out)
     summary["image3d"]["seconds_with_export"] = round(time.perf_counter() - t0, 1)
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2, default=str))
-    write_config(out / "config.yaml", trainer.resolved_config())
     return summary
 
 
@@ -242,13 +300,10 @@ def novel_views(trainer: ImageTo3DTrainer, out: Path) -> dict[str, Any]:
     verdict on them."""
     from lods.priors.toy.views import psnr
 
-    ref = trainer.ref_camera
-    size = trainer.resolution
     k = len(NOVEL_AZIMUTHS)
-    az = torch.tensor([float(ref.azimuth[0]) + a for a in NOVEL_AZIMUTHS])
-    cams = orbit(az, torch.full((k,), 20.0), torch.full((k,), 2.85), torch.full((k,), 42.5), size, size)
-    made = trainer.render_views(cams.to(trainer.device)).rgb.float().cpu()
-    ref_render = trainer.render_views(ref).rgb.float().cpu()
+    both = trainer.render_views(trainer.preview_cameras.to(trainer.device)).rgb.float().cpu()
+    ref_render, made = both[:1], both[1:]
+    cams = trainer.preview_cameras[1:]
     report: dict[str, Any] = {"reference_psnr": psnr(ref_render[0], trainer.ref_rgb[0].cpu()),
                               "novel_azimuths": list(NOVEL_AZIMUTHS)}
     truth = world_truth(trainer.input.sidecar, cams)
