@@ -108,16 +108,19 @@ def test_quality_benchmark_writes_results_report_and_grid(tmp_path, monkeypatch)
 def test_quality_plan_file_runs_the_declared_subset(tmp_path, capsys):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"prompts": ["a red cube"], "variants": ["ISM 100", "LODS-embed inf"],
-                                "seeds": [3], "steps": 2}))
+                                "seeds": [3], "steps": 2, "steps_by_variant": {"ISM 100": 1}}))
     out = tmp_path / "q"
     assert main(["bench", "quality", "--plan", str(plan), "--out", str(out)]) == 0
     with (out / "results.csv").open() as f:
         table = list(csv.DictReader(f))
     assert sorted((r["variant"], r["seed"]) for r in table) == [("ISM 100", "3"), ("LODS-embed inf", "3")]
     assert float(next(r["cfg"] for r in table if r["method"] == "lods-embed")) == float("inf")
+    assert {r["variant"]: int(r["steps"]) for r in table} == {"ISM 100": 1, "LODS-embed inf": 2}  # same wall clock
     for bad, needle in (({"prompts": ["a red cube"], "variants": ["SDS 5"], "seeds": [0], "steps": 2}, "SDS 5"),
                         ({"prompts": ["a plaid cube"], "variants": ["SDS 100"], "seeds": [0], "steps": 2}, "plaid"),
-                        ({"prompts": ["a red cube"]}, "variants")):
+                        ({"prompts": ["a red cube"]}, "variants"),
+                        ({"prompts": ["a red cube"], "variants": ["SDS 100"], "seeds": [0], "steps": 2,
+                          "steps_by_variant": {"ISM 100": 3}}, "steps_by_variant")):
         plan.write_text(json.dumps(bad))
         capsys.readouterr()
         assert main(["bench", "quality", "--plan", str(plan), "--out", str(out)]) == 2

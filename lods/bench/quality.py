@@ -132,12 +132,14 @@ def plan(quick: bool, seeds: int, steps: int, out: Path, lr_sweep: bool = True) 
 
 def plan_from_file(path: Path, out: Path) -> list[Job]:
     """The runs a plan file declares, in its order: JSON with ``prompts``, ``variants`` (labels of
-    ``ALL_VARIANTS``), ``seeds`` and ``steps``; prompts outermost, so that a run cut short still compares
-    every variant on the prompts it reached. A subset is fixed in such a file before any result is seen."""
+    ``ALL_VARIANTS``), ``seeds`` and ``steps``, and optionally ``steps_by_variant`` (label: steps, for a table at
+    the same wall-clock budget); prompts outermost, so that a run cut short still compares every variant on the
+    prompts it reached. A subset is fixed in such a file before any result is seen."""
     try:
         spec = json.loads(Path(path).read_text())
         prompts, labels, seeds, steps = spec["prompts"], spec["variants"], spec["seeds"], int(spec["steps"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        own_steps = {str(k): int(v) for k, v in spec.get("steps_by_variant", {}).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise UserError(f"cannot read the plan {path}: {err}") from err
     by_label = {v.label: v for v in ALL_VARIANTS}
     unknown = [x for x in labels if x not in by_label]
@@ -150,9 +152,12 @@ def plan_from_file(path: Path, out: Path) -> list[Job]:
             parse_caption(p)
         except ValueError as err:
             raise UserError(f"{path}: {err}") from err
-    if steps < 1 or not seeds:
+    if steps < 1 or not seeds or any(n < 1 for n in own_steps.values()):
         raise UserError(f"{path}: steps must be at least 1 and seeds not empty")
-    return [job_for(by_label[x], p, int(seed), steps, out) for seed in seeds for p in prompts for x in labels]
+    if set(own_steps) - set(labels):
+        raise UserError(f"{path}: steps_by_variant names variants the plan does not run")
+    return [job_for(by_label[x], p, int(seed), own_steps.get(x, steps), out)
+            for seed in seeds for p in prompts for x in labels]
 
 
 def job_for(v: Variant, prompt: str, seed: int, steps: int, out: Path) -> Job:
