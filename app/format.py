@@ -102,6 +102,11 @@ def status_text(job: Job | None, viewer: str) -> str:
     cfg = "" if job.is_comparison else f"CFG {job.knob('cfg'):g}, "
     detail = (f"{what} on {BACKBONE_LABELS.get(config.backbone, config.backbone)}, prior {md_text(config.prior)}, "
               f"{cfg}prompt “{md_text(config.prompt)}”")
+    if config.image3d.input_image and not job.is_comparison:
+        detail = (f"Image to 3D, text prior: {detail}; weights: text {job.knob('text_weight'):g}, "
+                  f"view {job.knob('view_weight'):g}  \n*Renders: above, the input and (for a world render) the "
+                  f"world's true views at +90°, +180°, +270°; below, the render at the input camera and the "
+                  f"generated views.*")
     if job.owner != viewer:
         detail += " · *started in another session: you are watching it read-only*"
     return f"{head}  \n{detail}"

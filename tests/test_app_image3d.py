@@ -50,6 +50,9 @@ def test_a_world_render_makes_the_run_image_to_3d(studio):
     assert (c.image3d.text_weight, c.image3d.view_weight) == (2.0, 30.0)
     job.thread.join(120)
     assert job.phase == "done", job.message
+    from app.format import status_text
+
+    assert "Image to 3D" in status_text(job, "me") and "view 30" in status_text(job, "me")
     names = {p.name for p in job.files}
     assert {"reference.png", "novel_views.png", "scene.ply", "summary.json"} <= names
     summary = json.loads((job.out_dir / "summary.json").read_text())

@@ -326,3 +326,28 @@ def test_gsplat_matches_the_cpu_rasterizer():
         for name in params:
             scale = grad_c[name].abs().max().item()
             torch.testing.assert_close(grad_g[name].cpu(), grad_c[name], atol=1e-2 * scale, rtol=1e-2, msg=name)
+
+
+def test_the_quantile_threshold_densifies_the_same_gaussians_at_any_gradient_scale():
+    """Eq. 7's gradients are about 1/w of SDS's: an absolute threshold densifies fewer Gaussians when the gradients
+    shrink, the quantile threshold picks the same ones."""
+    torch.manual_seed(0)
+    base = torch.rand(200) * 1e-3
+    chosen = {}
+    for mode in ("absolute", "quantile"):
+        for scale in (1.0, 0.01):
+            cfg = GaussianConfig(num_points=200, grad_threshold=1e-4,
+                                 grad_quantile=0.8 if mode == "quantile" else None)
+            scene = GaussianScene(cfg)
+            grads = base * scale
+            scene.grad2d_sum.copy_(grads)
+            scene.grad2d_count.fill_(1)
+            scene.grad2d_count[:10] = 0  # never seen: never densified
+            scene.grad2d_sum[:10] = 0
+            chosen[mode, scale] = scene.grad2d_sum / scene.grad2d_count.clamp_min(1) >= scene.densify_threshold(
+                scene.grad2d_sum / scene.grad2d_count.clamp_min(1))
+    assert chosen["absolute", 1.0].sum() > 100 and chosen["absolute", 0.01].sum() == 0
+    assert torch.equal(chosen["quantile", 1.0], chosen["quantile", 0.01])
+    assert 30 <= int(chosen["quantile", 1.0].sum()) <= 45 and not chosen["quantile", 1.0][:10].any()
+    with pytest.raises(ValueError, match="grad_quantile"):
+        GaussianConfig(grad_quantile=1.5)

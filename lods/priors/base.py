@@ -28,6 +28,9 @@ class PriorDefaults:
     view_prompts: bool = True  # DreamFusion's "front view" suffixes (a model trained on captions without them: off)
     max_gaussians: int = 20000  # densification cap of a Gaussian-splat run
     cpu_threads: int | None = None  # torch threads on CPU (None: torch's default)
+    # "sample": a render's latent is a sample of the VAE's posterior (the official release); "mean": its mean (a
+    # model whose UNet learned on posterior means, and whose posterior is wide: the toy prior's)
+    vae_latents: str = "sample"
 
     FILE: ClassVar[str] = "lods_prior.json"
 
@@ -39,7 +42,10 @@ class PriorDefaults:
             return cls()
         try:
             data = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-            return cls(**data)
+            made = cls(**data)
+            if made.vae_latents not in ("sample", "mean"):
+                raise ValueError(f"vae_latents must be sample or mean, not {made.vae_latents!r}")
+            return made
         except (ValueError, TypeError) as err:
             raise PriorError(f"{path} is not a valid prior settings file: {err}") from err
 

@@ -269,12 +269,15 @@ class DiffusersPrior:
 
     # ------------------------------------------------------------------ images
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] -> z (VAE posterior mean, shifted and scaled; [-1, 1] pixels without a VAE)."""
+        """Images in [0, 1] -> z (a sample of the VAE's posterior, or its mean where the prior declares
+        ``vae_latents: mean``; shifted and scaled; [-1, 1] pixels without a VAE). The sample draws from torch's
+        global generator, which the trainer seeds and checkpoints."""
         x = images.to(self.device, self.dtype) * 2 - 1
         if self.vae is None:
             return x
-        mean = self.vae.encode(x).latent_dist.mean
-        return (mean - self.shift_factor) * self.scaling_factor
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.mean if self.defaults.vae_latents == "mean" else posterior.sample()
+        return (z - self.shift_factor) * self.scaling_factor
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """z -> images in [0, 1]."""

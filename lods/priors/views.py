@@ -78,6 +78,14 @@ def relative_camera(
     return torch.stack([d_polar.expand_as(el), torch.sin(d_az), torch.cos(d_az), last.expand_as(el)], -1)
 
 
+def clip_processor_class() -> type:
+    """transformers' CLIP image processor: its PIL flavour where the library has one (the default flavour wants
+    torchvision, which this project does not need, and warns at every load without it)."""
+    import transformers
+
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+
 def clip_pixels(images: torch.Tensor, feature_extractor) -> torch.Tensor:
     """Images in [0, 1] -> the image encoder's input, as ``CLIPImageProcessor`` makes it, but differentiable."""
     fe = feature_extractor
@@ -145,7 +153,7 @@ class ViewConditionedPrior:
         name says Stable Zero123, else "zero123".
         """
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        from transformers import CLIPVisionModelWithProjection
 
         root = resolve_views_source(id_or_dir)
         check_views_folder(root)
@@ -160,7 +168,7 @@ class ViewConditionedPrior:
         image_encoder = load("image_encoder/", lambda: CLIPVisionModelWithProjection.from_pretrained(
             root / "image_encoder", use_safetensors=True, dtype=torch_dtype))
         cc = load("cc_projection/", lambda: load_cc_projection(root / "cc_projection"))
-        fe = load("feature_extractor/", lambda: CLIPImageProcessor.from_pretrained(root / "feature_extractor"))
+        fe = load("feature_extractor/", lambda: clip_processor_class().from_pretrained(root / "feature_extractor"))
         scheduler = load("scheduler/", lambda: DDPMScheduler.from_pretrained(root, subfolder="scheduler"))
         if camera_mode is None:
             meta = root / "lods_prior.json"

@@ -63,6 +63,9 @@ class GaussianConfig:
     densify_until: int = 1000  # no densification, pruning or opacity reset from this step on
     densify_every: int = 100
     grad_threshold: float = 0.0002  # mean NDC-space gradient norm of the projected centre (3DGS)
+    # Instead of grad_threshold: densify the Gaussians whose mean gradient lies above this quantile of the seen
+    # ones. Scale-free: Eq. 7's gradients are about 1/w of SDS's, so one absolute threshold cannot suit both.
+    grad_quantile: float | None = None
     clone_max_scale: float = 0.03  # high-gradient Gaussians this small (largest axis) are cloned, larger are split
     prune_opacity: float = 0.005  # prune below this opacity
     prune_scale: float = 0.3  # prune when the largest axis exceeds this (world units)
@@ -84,6 +87,8 @@ class GaussianConfig:
             raise ValueError(f"sh_degree must be in 0..3, got {self.sh_degree}")
         if self.background not in ("white", "random", "learned"):
             raise ValueError(f"background must be 'white', 'random' or 'learned', got {self.background!r}")
+        if self.grad_quantile is not None and not 0 < self.grad_quantile < 1:
+            raise ValueError(f"grad_quantile must be between 0 and 1 (or null), got {self.grad_quantile}")
 
 
 def knn_scales(points: torch.Tensor, k: int = 3, chunk_elems: int = 2**24) -> torch.Tensor:
@@ -255,13 +260,24 @@ class GaussianScene(Scene):
         self.grad2d_count += visible.sum(0)
         self.max_radius = torch.maximum(self.max_radius, (meta["radii"] / max(W, H)).amax(0).float())
 
+    def densify_threshold(self, grads: torch.Tensor) -> float:
+        """``grad_threshold``, or with ``grad_quantile`` that quantile of the mean gradients of the Gaussians seen
+        since the last round (never below the smallest positive float: an unseen Gaussian is not densified)."""
+        q = self.config.grad_quantile
+        if q is None:
+            return self.config.grad_threshold
+        seen = grads[self.grad2d_count > 0]
+        if not len(seen):
+            return math.inf
+        return max(float(torch.quantile(seen.float(), q)), torch.finfo(torch.float32).tiny)
+
     @torch.no_grad()
     def densify_and_prune(self, optimizer: torch.optim.Optimizer | None) -> dict:
         """One round of 3DGS density control from the accumulated gradients; returns counts."""
         cfg = self.config
         n_old = self.num_gaussians
         grads = self.grad2d_sum / self.grad2d_count.clamp_min(1)
-        high = grads >= cfg.grad_threshold
+        high = grads >= self.densify_threshold(grads)
         budget = max((cfg.max_points if cfg.max_points is not None else DEFAULT_MAX_POINTS) - n_old, 0)
         if int(high.sum()) > budget:
             top = torch.zeros_like(high)

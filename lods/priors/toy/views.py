@@ -126,9 +126,9 @@ def build_image_encoder():
 
 
 def build_feature_extractor():
-    from transformers import CLIPImageProcessor
+    from lods.priors.views import clip_processor_class
 
-    return CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+    return clip_processor_class()(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
                               image_mean=CLIP_MEAN, image_std=CLIP_STD)
 
 
