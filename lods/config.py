@@ -37,7 +37,8 @@ class Image3DConfig:
 
     The loss is ``rgb_weight`` MSE(render, input) + ``mask_weight`` MSE(alpha, mask) at the input camera, plus
     ``text_weight`` times the text prior's estimator loss and ``view_weight`` times the view-conditioned prior's
-    SDS on the step's novel views (Magic123: 5, 0.5, 1 and 40; its Zero-1-to-3 guidance scale 5). The
+    SDS on the step's novel views (text 1, view 40 and the view prior's guidance scale 5 as Magic123's release;
+    RGB 5 and mask 0.5 keep the 10 : 1 of threestudio's magic123 config at a scale set for 64-pixel renders). The
     normalized estimators (LODS, SDS-norm) give Eq. 3 divided by the CFG weight; ``text_times_cfg`` multiplies
     their loss back by a finite weight, so that ``text_weight`` means the same under every estimator.
     ``view_method``: "sds" (Magic123, the paper) or "lods-embed" (a learned null context token on the view
