@@ -6,27 +6,18 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from app.jobs import JobManager
-from app.ui import AppSettings, build_demo, launch_local
+from examples.shots import app_in_chromium, shot_parser
 from lods.config import RunConfig
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
+    parser = shot_parser(__doc__)
     parser.add_argument("--at", type=int, default=200, help="look inside after this many steps")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--chromium", default="/usr/bin/chromium")
     args = parser.parse_args()
-    from playwright.sync_api import sync_playwright
-
-    jobs = JobManager()
-    demo = build_demo(jobs, AppSettings())
-    url = launch_local(demo)
-    try:
+    with app_in_chromium(args.chromium) as (jobs, page, url):
         config = RunConfig.from_dict(dict(prompt="a red cube", backbone="gs", method="lods-embed", cfg=100.0,
                                           steps=args.steps, seed=0))
         job = jobs.start_or_queue(config, owner="screenshot")
@@ -36,21 +27,13 @@ def main() -> None:
             jobs.touch("screenshot")  # an owner that never polls counts as gone
             time.sleep(0.5)
         jobs.set_paused("screenshot", True)  # the plots and the look show the same step
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=args.chromium, headless=True,
-                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url)
-            page.get_by_role("tab", name="Inside one step").click()
-            page.locator("#inside-look").click()
-            page.wait_for_selector("#inside-images img", timeout=60_000)
-            page.wait_for_selector("#inside-formula .katex", timeout=30_000)
-            time.sleep(4)  # the plots' timer
-            page.locator("#inside-tab").screenshot(path=args.out)
-            browser.close()
-    finally:
-        jobs.shutdown()
-        demo.close()
+        page.goto(url)
+        page.get_by_role("tab", name="Inside one step").click()
+        page.locator("#inside-look").click()
+        page.wait_for_selector("#inside-images img", timeout=60_000)
+        page.wait_for_selector("#inside-formula .katex", timeout=30_000)
+        time.sleep(4)  # the plots' timer
+        page.locator("#inside-tab").screenshot(path=args.out)
 
 
 if __name__ == "__main__":
