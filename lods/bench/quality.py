@@ -438,6 +438,17 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _steps_text(rows: list[dict[str, Any]]) -> str:
+    """"300 steps each", or each variant's steps where they differ (a same-wall-clock plan)."""
+    by_variant: dict[str, set[int]] = {}
+    for r in rows:
+        by_variant.setdefault(r["variant"], set()).add(int(r["steps"]))
+    counts = set().union(*by_variant.values()) if by_variant else {0}
+    if len(counts) == 1:
+        return f"{counts.pop()} steps each"
+    return "steps: " + ", ".join(f"{v} {'/'.join(str(n) for n in sorted(s))}" for v, s in by_variant.items())
+
+
 def write_report(rows: list[dict[str, Any]], references: dict[str, dict], out: Path, jobs: list[Job],
                  note: str = "") -> None:
     """``results.csv`` (one row per run), ``report.md`` (the mean table and the paired claims) and ``grid.png``
@@ -470,7 +481,7 @@ def write_report(rows: list[dict[str, Any]], references: dict[str, dict], out: P
         "",
         *([about, ""] if about else []),
         f"{len(rows)} runs{note}, {len({r['prompt'] for r in rows})} prompts, seeds "
-        f"{sorted({int(r['seed']) for r in rows})}, {int(rows[0]['steps']) if rows else 0} steps each. "
+        f"{sorted({int(r['seed']) for r in rows})}, {_steps_text(rows)}. "
         f"World renders of the same prompts: saturation {world['saturation']:.3f}, clipped {world['clipped']:.3f}, "
         f"floater score {world[fl]:.3f}, judged right {world['alignment']:.3f}. Floater scores count "
         f"{fl_name} outside one component per object.",
