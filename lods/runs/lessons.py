@@ -109,8 +109,9 @@ LESSONS: dict[str, Lesson] = {lesson.name: lesson for lesson in (
         name="cfg-sweep",
         title="The paper's Fig. 5: LODS-embed from CFG 30 to infinity",
         look_for="In the paper higher weights give crisper objects and at infinity floaters appear around the "
-                 "object. On this prior the four stay close: the quality benchmark did not show more floaters at "
-                 "infinity than at 100 (docs/bench/quality-shipped).",
+                 "object. On this prior the four stay close: over 24 prompts x 3 seeds the infinite weight left "
+                 "slightly more opaque floaters than 100 on single objects and pairs, too few to see "
+                 "(docs/bench/quality-shipped).",
         slots=(Slot("lods-embed", 30.0), Slot("lods-embed", 100.0), Slot("lods-embed", 1000.0),
                Slot("lods-embed", math.inf)),
         metric="floater_score",
