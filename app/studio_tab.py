@@ -133,10 +133,9 @@ class StudioTab:
         return None, NO_WORLD_SCENE, DEFAULTS.text_weight, DEFAULTS.view_weight
 
     def _inputs_dir(self) -> Path:
-        folder = getattr(self, "_world_inputs", None)
-        if folder is None:
-            folder = self._world_inputs = Path(tempfile.mkdtemp(prefix="lods-inputs-"))
-        return folder
+        if self._world_inputs is None:  # made on first use: most pages never pick a world render
+            self._world_inputs = Path(tempfile.mkdtemp(prefix="lods-inputs-"))
+        return self._world_inputs
 
     def _toggle_pause(self, job: Job, request: gr.Request | None) -> tuple[str, bool | None]:
         """Pause a running job or resume a paused one; the notice and the new paused state (None: refused)."""

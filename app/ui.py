@@ -14,6 +14,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -62,6 +63,7 @@ class Studio(StudioTab, CompareTab):
         self._drawn_lock = threading.Lock()
         self._owners: dict[str, str] = {}  # Gradio session -> the browser's owner token (see claim)
         self.history = RenderHistory()
+        self._world_inputs: Path | None = None  # the world renders picked as input views (StudioTab.input_view)
         manager.add_trainer_listener(self.history.follow)
 
     def claim(self, token: Any, request: gr.Request = None) -> str:

@@ -126,10 +126,19 @@ def check_folder(root: Path) -> None:
 
 def load_part(root: Path | str, what: str, fn: Callable[[], Any]) -> Any:
     """``fn()`` (a ``from_pretrained`` of one part of a model folder), or a one-line ``PriorError`` naming it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per component load is noise (downloads keep their own bars)
     try:
         return fn()
     except Exception as err:
         raise PriorError(f"cannot load {what} from '{root}': {one_line(err, 200)}") from err
+
+
+def load_diffusers_model(root: Path, cls: type, subfolder: str, torch_dtype: torch.dtype) -> Any:
+    """The diffusers model (UNet, VAE) in ``root/subfolder``, safetensors only, through :func:`load_part`."""
+    return load_part(root, f"{subfolder}/", lambda: cls.from_pretrained(
+        root, subfolder=subfolder, use_safetensors=True, torch_dtype=torch_dtype))
 
 
 class DiffusersPrior:
@@ -209,21 +218,17 @@ class DiffusersPrior:
         """Load "sd21", "toy", a hub id or a local Stable-Diffusion-format folder (see the module docstring)."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # a bar per component load is noise (downloads keep their own bars)
         root = resolve_source(id_or_dir)
         check_folder(root)
         torch_dtype = resolve_dtype(torch.device(device), dtype)
 
         load = functools.partial(load_part, root)
 
-        unet = load("unet/", lambda: UNet2DConditionModel.from_pretrained(
-            root, subfolder="unet", use_safetensors=True, torch_dtype=torch_dtype))
+        unet = load_diffusers_model(root, UNet2DConditionModel, "unet", torch_dtype)
         vae = None
         if (root / "vae" / "config.json").exists():
-            vae = load("vae/", lambda: AutoencoderKL.from_pretrained(
-                root, subfolder="vae", use_safetensors=True, torch_dtype=torch_dtype))
+            vae = load_diffusers_model(root, AutoencoderKL, "vae", torch_dtype)
         text_encoder = load("text_encoder/", lambda: AutoModel.from_pretrained(
             root / "text_encoder", use_safetensors=True, trust_remote_code=False, dtype=torch_dtype))
         tokenizer = load("tokenizer/", lambda: AutoTokenizer.from_pretrained(

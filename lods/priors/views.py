@@ -31,7 +31,7 @@ from torch import nn
 
 from lods.errors import one_line
 from lods.priors.base import PriorError
-from lods.priors.diffusers_prior import HUB_ID, load_part, resolve_dtype
+from lods.priors.diffusers_prior import HUB_ID, load_diffusers_model, load_part, resolve_dtype
 
 COMPONENTS = ("unet", "vae", "image_encoder", "cc_projection", "feature_extractor", "scheduler")
 CAMERA_MODES = ("zero123", "stable")
@@ -161,10 +161,8 @@ class ViewConditionedPrior:
 
         load = functools.partial(load_part, root)
 
-        unet = load("unet/", lambda: UNet2DConditionModel.from_pretrained(
-            root, subfolder="unet", use_safetensors=True, torch_dtype=torch_dtype))
-        vae = load("vae/", lambda: AutoencoderKL.from_pretrained(
-            root, subfolder="vae", use_safetensors=True, torch_dtype=torch_dtype))
+        unet = load_diffusers_model(root, UNet2DConditionModel, "unet", torch_dtype)
+        vae = load_diffusers_model(root, AutoencoderKL, "vae", torch_dtype)
         image_encoder = load("image_encoder/", lambda: CLIPVisionModelWithProjection.from_pretrained(
             root / "image_encoder", use_safetensors=True, dtype=torch_dtype))
         cc = load("cc_projection/", lambda: load_cc_projection(root / "cc_projection"))

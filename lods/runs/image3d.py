@@ -139,6 +139,8 @@ class ImageTo3DTrainer(Trainer):
         self.view_reference = view_prior.reference  # this run's input, set again before each use (a shared prior)
         # The live previews: the input camera first, then the novel views that novel_views.png shows.
         self.preview_cameras = input_and_novel_cameras(self.ref_camera.to("cpu"), self.resolution)
+        # The world's true views from the novel cameras where the input is a world render (its sidecar), else None
+        self.true_views = world_truth(image.sidecar, self.preview_cameras[1:])
         self.view_gen = torch.Generator().manual_seed(config.seed + 1)
         self.view_null: torch.Tensor | None = None
         if config.image3d.view_method == "lods-embed":
@@ -203,15 +205,9 @@ class ImageTo3DTrainer(Trainer):
     def reference_row(self) -> torch.Tensor:
         """(1 + novel views, 3, R, R): the input, then the world's true views at the preview cameras' novel
         azimuths where the input is a world render (white otherwise), for the page above the live previews."""
-        if getattr(self, "_reference_row", None) is None:
-            cams = self.preview_cameras[1:]
-            truth = world_truth(self.input.sidecar, cams)
-            size = (self.resolution, self.resolution)
-            if truth is None:
-                truth = torch.ones(len(cams), 3, *size)
-            truth = F.interpolate(truth.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-            self._reference_row = torch.cat([self.ref_rgb.float().cpu(), truth])
-        return self._reference_row
+        truth = self.true_views if self.true_views is not None else torch.ones(len(self.preview_cameras) - 1, 3,
+                                                                               self.resolution, self.resolution)
+        return torch.cat([self.ref_rgb.float().cpu(), truth.float()])
 
     def export_extra(self, out: Path) -> tuple[dict[str, Any], list[str]]:
         """``reference.png`` (the input and its mask) and ``novel_views.png`` with their measures."""
@@ -303,12 +299,10 @@ def novel_views(trainer: ImageTo3DTrainer, out: Path) -> dict[str, Any]:
     k = len(NOVEL_AZIMUTHS)
     both = trainer.render_views(trainer.preview_cameras.to(trainer.device)).rgb.float().cpu()
     ref_render, made = both[:1], both[1:]
-    cams = trainer.preview_cameras[1:]
     report: dict[str, Any] = {"reference_psnr": psnr(ref_render[0], trainer.ref_rgb[0].cpu()),
                               "novel_azimuths": list(NOVEL_AZIMUTHS)}
-    truth = world_truth(trainer.input.sidecar, cams)
-    top = torch.cat([trainer.ref_rgb.cpu(), truth if truth is not None else torch.ones_like(made)])
-    write_png(out / "novel_views.png", image_grid(torch.cat([top, ref_render, made]), cols=k + 1))
+    truth = trainer.true_views
+    write_png(out / "novel_views.png", image_grid(torch.cat([trainer.reference_row(), ref_render, made]), cols=k + 1))
     if truth is not None:
         from lods.priors.toy.judge import judge_images, shipped_judge
 
