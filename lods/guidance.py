@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import threading
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -367,16 +368,42 @@ class Estimator:
     update_in_background = False  # True where ``update`` may run beside the next step's render in another thread:
     # it changes no state of the shared prior (no adapter switched on or off), only its own parameters
 
+    @property
+    def update_beside_guidance(self) -> bool:
+        """Whether this step's ``update`` may start before its ``step`` and run beside the guidance's UNet
+        forwards (``hold_learned`` first): true where the update runs in the background and needs nothing
+        that the step computes."""
+        return False
+
+    def hold_learned(self, null_emb: torch.Tensor) -> None:
+        """Before an update that runs beside this step's guidance: the next ``direction`` reads a copy of the
+        learned parameters as they are now, whatever the update does to them meanwhile."""
+
     def __init__(self, prior: DiffusionPrior, config: GuidanceConfig | None = None):
         self.prior = prior
         self.config = config or GuidanceConfig()
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr = self.config.lr if self.config.lr is not None else DEFAULT_LR.get(self.method, 0.0)
-        self._forward = 0
-        self._backward = 0
+        self._tally = threading.local()  # UNet passes counted per thread: the update may run beside the step
         self._parts: dict[str, torch.Tensor] | None = None  # the predictions ``direction`` made (see ``_keep``)
         # The update's own random stream (t, noise, camera dropout): the same draws whichever thread runs it.
         self.generator: torch.Generator | None = None
+
+    @property
+    def _forward(self) -> int:
+        return getattr(self._tally, "forward", 0)
+
+    @_forward.setter
+    def _forward(self, n: int) -> None:
+        self._tally.forward = n
+
+    @property
+    def _backward(self) -> int:
+        return getattr(self._tally, "backward", 0)
+
+    @_backward.setter
+    def _backward(self, n: int) -> None:
+        self._tally.backward = n
 
     def seed(self, seed: int) -> None:
         """Give ``update`` its own random stream, seeded (the trainer does; without it, torch's global one);
@@ -756,6 +783,7 @@ class LodsEmbed(_Learner):
         super().__init__(prior, config)
         self.alpha: nn.Parameter | None = None
         self.alpha_init: torch.Tensor | None = None
+        self._held: torch.Tensor | None = None  # alpha as the next direction reads it (``hold_learned``)
 
     def _ensure_alpha(self, null_emb: torch.Tensor) -> nn.Parameter:
         if self.alpha is None:
@@ -764,9 +792,19 @@ class LodsEmbed(_Learner):
             self._attach([self.alpha])
         return self.alpha
 
+    @property
+    def update_beside_guidance(self) -> bool:
+        # Eq. 8 draws its own t and noise on the detached latents: it needs nothing from Eq. 7's step (the
+        # merged forward of section 3.7 does: its backward is the update)
+        return self.update_in_background and not self.config.merge_update
+
+    def hold_learned(self, null_emb: torch.Tensor) -> None:
+        self._held = self._ensure_alpha(null_emb).detach().clone()
+
     def direction(self, z_t, noise, t, text_emb, null_emb, cfg, step, cameras):
         n = z_t.shape[0]
-        alpha = self._ensure_alpha(null_emb).expand(n, -1, -1)
+        held, self._held = self._held, None
+        alpha = (held if held is not None else self._ensure_alpha(null_emb)).expand(n, -1, -1)
         if not self.config.merge_update:
             eps_c, eps_a = self._pair(z_t, t, text_emb, alpha)
         else:

@@ -6,6 +6,7 @@ timed by hooks on the UNet module wherever they happen (the theta step and the l
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import defaultdict
@@ -92,3 +93,15 @@ class PhaseTimer:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: its start in clock ticks since boot, against the boot clock;
+    10 ms resolution), or None where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        start = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat(5), counted after the name
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None

@@ -246,6 +246,12 @@ class Trainer:
         with self.timer.phase("learned_update"):
             return self.estimator.update(z, text_emb, self.null_emb, cams) or {}
 
+    def _submit_update(self, z: torch.Tensor, text_emb: torch.Tensor, cams: Cameras, stats: dict[str, float]) -> None:
+        """Start line 6 in the lane; its numbers join ``stats`` (this step's) when it ends (``join_update``)."""
+        with self._update_lock:
+            self._update = self._lane.submit(self._run_update, z, text_emb, cams)
+            self._update_stats = stats
+
     @staticmethod
     def _update_fields(update: dict[str, float]) -> dict[str, float]:
         return {f"update_{k}" if not k.startswith("update") else k: v for k, v in update.items()}
@@ -278,19 +284,22 @@ class Trainer:
         text_emb = self.text_embeddings(cams)
         z, out = self.scene.latents(self.prior, cams.to(self.device), self.background(len(cams)), self.timer)
         self.join_update()  # the guidance reads alpha as the previous step's update left it
-        with self.timer.phase("guidance"):
-            g = self.estimator.step(z, text_emb, self.null_emb, knobs.cfg, self.step, cams)
-            loss, extra = self.total_loss(g, cams, out, knobs)
         stats: dict[str, float] = {}
         # Line 6 learns on this step's latents, as rendered before the theta step: a copy, since z may be the scene's
         # own parameter (2D latents), which the optimizer changes in place (no copy where nothing is learned).
         z_seen = z.detach().clone() if self.estimator.learns else z.detach()
-        if self._background_update:
-            # Line 6 in the lane, beside this step's backward and the next step's render; its numbers join these
-            # stats when it ends (join_update).
-            with self._update_lock:
-                self._update = self._lane.submit(self._run_update, z_seen, text_emb, cams)
-                self._update_stats = stats
+        early = self._background_update and self.estimator.update_beside_guidance
+        if early:
+            # Line 6 in the lane from here, beside line 5's UNet forwards (which read alpha as it is now), the
+            # backward and the next step's render
+            self.estimator.hold_learned(self.null_emb)
+            self._submit_update(z_seen, text_emb, cams, stats)
+        with self.timer.phase("guidance"):
+            g = self.estimator.step(z, text_emb, self.null_emb, knobs.cfg, self.step, cams)
+            loss, extra = self.total_loss(g, cams, out, knobs)
+        if self._background_update and not early:
+            # Line 6 in the lane, beside this step's backward and the next step's render
+            self._submit_update(z_seen, text_emb, cams, stats)
         self.optimizer.zero_grad(set_to_none=True)
         with self.timer.phase("backward"):
             loss.backward()

@@ -202,3 +202,82 @@ def test_every_estimator_optimizes_theta_end_to_end(prior, method, merged):
         assert any(not torch.equal(a, b.detach()) for a, b in zip(learned_start, est.params))
     est.close()
     assert prior._adapter is None
+
+
+def _eager(prior, z_t, t, emb):
+    return prior.unet(z_t, t, encoder_hidden_states=emb).sample
+
+
+def test_the_traced_unet_is_bit_identical_to_the_module_at_any_batch(tiny_sd_dir):
+    """On the CPU the UNet runs as a traced graph (one per latent size): the same numbers and gradients as the
+    eager module, traced at the first call's batch and used at every other."""
+    prior = fresh_prior(tiny_sd_dir)
+    prior.unet_call.background = False  # traced at the first call, not beside it
+    emb = prior.encode_text(["a red cube", "", "a blue sphere", "a red cube"])
+    torch.manual_seed(0)
+    assert not prior.unet_call._graphs
+    for n in (1, 2, 4):
+        z_t, t = torch.randn(n, 4, 8, 8), torch.randint(0, 1000, (n,))
+        with torch.no_grad():
+            assert torch.equal(prior.predict_noise(z_t, t, emb[:n]), _eager(prior, z_t, t, emb[:n]))
+    assert len(prior.unet_call._graphs) == 1
+    graph = next(iter(prior.unet_call._graphs.values()))
+    assert isinstance(graph, torch.jit.ScriptModule)
+
+    z_t, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    grads = []
+    for fn in (lambda e: prior.predict_noise(z_t, t, e), lambda e: _eager(prior, z_t, t, e)):
+        e = emb[1:3].clone().requires_grad_(True)
+        (fn(e) - torch.ones(2, 4, 8, 8)).square().mean().backward()
+        grads.append(e.grad)
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
+
+    # another latent size gets a graph of its own
+    z_big = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(prior.predict_noise(z_big, t[:1], emb[:1]), _eager(prior, z_big, t[:1], emb[:1]))
+    assert len(prior.unet_call._graphs) == 2
+
+
+def test_adapters_and_trace_off_run_the_eager_module(tiny_sd_dir):
+    prior = fresh_prior(tiny_sd_dir)
+    prior.unet_call.trace = False
+    emb = prior.encode_text(["a red cube"])
+    z_t, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    with torch.no_grad():
+        prior.predict_noise(z_t, t, emb)
+    assert not prior.unet_call._graphs
+    prior.unet_call.trace = True
+    prior.add_lora("psi", rank=2)
+    with torch.no_grad(), prior.lora_scale("psi", 1.0):
+        prior.predict_noise(z_t, t, emb)
+    assert not prior.unet_call._graphs  # a LoRA adapter is attached: never traced
+
+
+def test_a_unet_that_cannot_be_traced_runs_eagerly(tiny_sd_dir, monkeypatch):
+    prior = fresh_prior(tiny_sd_dir)
+
+    def fail(*_a, **_k):
+        raise RuntimeError("not traceable")
+
+    monkeypatch.setattr(torch.jit, "trace", fail)
+    prior.unet_call.background = False
+    emb = prior.encode_text(["a red cube"])
+    z_t, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    with pytest.warns(UserWarning, match="runs eagerly"), torch.no_grad():
+        out = prior.predict_noise(z_t, t, emb)
+    with torch.no_grad():
+        assert torch.equal(out, _eager(prior, z_t, t, emb))
+        prior.predict_noise(z_t, t, emb)  # no second attempt, no second warning
+    assert not prior.unet_call._graphs and prior.unet_call._untraceable
+
+
+def test_the_first_call_traces_in_the_background_and_the_module_answers_meanwhile(tiny_sd_dir):
+    prior = fresh_prior(tiny_sd_dir)
+    emb = prior.encode_text(["a red cube"])
+    z_t, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    with torch.no_grad():
+        first = prior.predict_noise(z_t, t, emb)  # the eager module, while the trace starts
+        prior.unet_call.wait()
+        assert len(prior.unet_call._graphs) == 1 and not any(th.is_alive() for th in prior.unet_call._tracing.values())
+        assert torch.equal(first, prior.predict_noise(z_t, t, emb))  # the graph now: the same numbers

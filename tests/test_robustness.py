@@ -436,8 +436,15 @@ def test_the_learned_update_in_its_own_thread_gives_the_same_numbers(tiny_prior,
     assert not torch.equal(lane.estimator.alpha, lane.estimator.alpha_init)  # it learned
     for a, b in zip(inline.scene.parameters(), lane.scene.parameters()):
         assert torch.equal(a, b)
-    keys = ("loss", "update_loss", "update_alpha_drift", "embedding_distance")
+    keys = ("loss", "update_loss", "update_alpha_drift", "embedding_distance", "unet_forward", "update_unet_forward",
+            "update_unet_backward")
     assert [[h[k] for k in keys] for h in inline.history] == [[h[k] for k in keys] for h in lane.history]
+    # the update started before the guidance and ran beside its UNet forwards, each counting its own passes
+    assert lane.estimator.update_beside_guidance
+    assert {h["unet_forward"] for h in lane.history} == {2.0}
+    assert {(h["update_unet_forward"], h["update_unet_backward"]) for h in lane.history} == {(1.0, 1.0)}
+    tiny_prior.unet_call.wait()
+    assert tiny_prior.unet_call._graphs  # traced during the first run, bit-identical to the eager module
 
 
 def test_a_run_with_learned_lora_never_shares_the_unet_with_a_lane(tiny_prior):

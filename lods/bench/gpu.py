@@ -565,7 +565,7 @@ def time_setting(prior, setting: dict[str, Any], steps: int = 3, warmup: int = 2
                                   "second_thread": False})  # as on a GPU: phases in sequence, summing to the step
     trainer = Trainer(config, prior=prior)
     timer = trainer.timer
-    timer.watch_unet(prior.unet)
+    timer.watch_unet(prior.unet_call)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -574,6 +574,7 @@ def time_setting(prior, setting: dict[str, Any], steps: int = 3, warmup: int = 2
     try:
         for _ in range(warmup):
             trainer.train_step()
+        prior.unet_call.wait()  # the CPU reference's UNet trace is not measured
         sync()
         with PeakMemory(device) as mem:
             timer.reset()

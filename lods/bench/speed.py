@@ -82,11 +82,12 @@ def measure_config(
     init = torch.rand(1, 3, prior.image_size, prior.image_size) if METHODS[method].edit_only else None
     trainer = Trainer(config, prior=prior, init_image=init)
     timer = trainer.timer
-    timer.watch_unet(prior.unet)
+    timer.watch_unet(prior.unet_call)
     mark: dict[str, float] = {}
 
     def progress(step: int, total: int, stats: dict) -> None:
         if step == warmup:
+            prior.unet_call.wait()  # the UNet's trace (CPU) is not measured
             if prior.device.type == "cuda":
                 torch.cuda.synchronize()
             timer.reset()

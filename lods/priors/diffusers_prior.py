@@ -15,6 +15,7 @@ one-line :class:`~lods.priors.base.PriorError` that says what is missing and how
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import threading
@@ -205,6 +206,7 @@ class DiffusersPrior:
         self.camera_embeddings = nn.ModuleDict()
         self._call = threading.local()  # per calling thread: the camera labels of the UNet call under way
         self._camera_hook = None
+        self.unet_call = UNetCall(self)  # every UNet forward goes through it (``bench speed`` hooks it)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -298,7 +300,7 @@ class DiffusersPrior:
         t = t.to(self.device).long().expand(z_t.shape[0]) if t.dim() == 0 else t.to(self.device).long()
         self._call.class_labels = class_labels
         try:
-            out = self.unet(z_t.to(self.dtype), t, encoder_hidden_states=text_emb.to(self.dtype)).sample.float()
+            out = self.unet_call(z_t.to(self.dtype), t, text_emb.to(self.dtype), class_labels).float()
         finally:
             self._call.class_labels = None
         if self.v_prediction:
@@ -379,6 +381,100 @@ class DiffusersPrior:
             yield
         finally:
             self._set_adapter(previous)
+
+
+class _Traceable(nn.Module):
+    """The UNet as a function of positional tensors, for ``torch.jit.trace``."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.unet(z_t, t, encoder_hidden_states=emb, return_dict=False)[0]
+
+
+class UNetCall(nn.Module):
+    """The one way a :class:`DiffusersPrior` calls its UNet: ``(z_t, t, emb) -> the UNet's output``.
+
+    On the CPU in float32 with no adapter attached (no LoRA, no camera embedding), the UNet runs as a
+    graph traced once per latent size and text length (``torch.jit.trace``) and executed without the
+    JIT's graph optimisations: the same aten ops in the same order as the eager module, so the results
+    and their gradients are bit-identical (tested), with the Python of diffusers' module tree gone from
+    every call. The traced graph holds the UNet's own parameters (no copy) and releases the GIL for
+    the whole forward, so the learned update's UNet pass in the trainer's second thread runs beside
+    the guidance's. The first call of a size starts its trace in a thread of its own (``background``)
+    and the eager module answers until the graph is ready: being bit-identical, the switch changes no
+    number, and the first step does not wait for the trace. Everywhere else (CUDA, half precision,
+    adapters, ``trace = False``) the eager module runs; so does a UNet that cannot be traced.
+    """
+
+    def __init__(self, prior: DiffusersPrior) -> None:
+        super().__init__()
+        self.prior = prior
+        self.trace = prior.device.type == "cpu"
+        self.background = True
+        self._graphs: dict[tuple, Any] = {}  # (id of the UNet, latent size, text shape) -> traced graph
+        self._tracing: dict[tuple, threading.Thread] = {}
+        self._untraceable: set[int] = set()
+        self._lock = threading.Lock()
+
+    def _graph(self, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, class_labels) -> Any:
+        """The traced graph for this call, or None where the eager module runs it."""
+        prior, unet = self.prior, self.prior.unet
+        if (not self.trace or class_labels is not None or prior.device.type != "cpu" or z_t.dtype != torch.float32
+                or prior._lora_names or prior._camera_hook is not None or id(unet) in self._untraceable
+                or not isinstance(unet, nn.Module)):
+            return None
+        key = (id(unet), tuple(z_t.shape[2:]), tuple(emb.shape[1:]))
+        graph = self._graphs.get(key)
+        if graph is not None:
+            return graph
+        example = (z_t[:1].detach().clone(), t[:1].detach().clone(), emb[:1].detach().clone())
+        with self._lock:  # the guidance and the learned update may ask at once
+            if key in self._graphs or key in self._tracing:
+                return self._graphs.get(key)
+            if not self.background:
+                self._trace_into(key, unet, example)
+                return self._graphs.get(key)
+            thread = threading.Thread(target=self._trace_into, args=(key, unet, example, True), daemon=True,
+                                      name="lods-unet-trace")
+            self._tracing[key] = thread
+            thread.start()
+        return None
+
+    def _trace_into(self, key: tuple, unet: nn.Module, example: tuple, locked: bool = False) -> None:
+        try:
+            with warnings.catch_warnings(), torch.no_grad(), torch.jit.optimized_execution(False):
+                # diffusers' shape checks become constants: hence one graph per latent size
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                graph = torch.jit.trace(_Traceable(unet), example, check_trace=False)
+        except Exception as err:  # noqa: BLE001 - any failure to trace leaves the eager module in charge
+            warnings.warn(f"the UNet runs eagerly: tracing it failed ({one_line(err, 200)})", stacklevel=2)
+            graph = None
+        with (self._lock if locked else contextlib.nullcontext()):
+            if graph is None:
+                self._untraceable.add(key[0])
+            else:
+                self._graphs[key] = graph
+
+    def wait(self) -> None:
+        """Wait for the traces under way (``bench speed`` does before it measures)."""
+        while True:
+            with self._lock:
+                threads = [th for th in self._tracing.values() if th.is_alive()]
+            if not threads:
+                return
+            for th in threads:
+                th.join()
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, class_labels=None) -> torch.Tensor:
+        graph = self._graph(z_t, t, emb, class_labels)
+        if graph is None:
+            return self.prior.unet(z_t, t, encoder_hidden_states=emb).sample
+        with torch.jit.optimized_execution(False):  # the recorded ops as they are (a thread-local switch)
+            return graph(z_t, t, emb)
 
 
 def _enable_xformers(unet: nn.Module) -> None:

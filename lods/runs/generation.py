@@ -16,6 +16,7 @@ from tqdm import tqdm
 from lods import checkpoint
 from lods.config import RunConfig
 from lods.errors import UserError
+from lods.profiling import process_age
 from lods.runs.folder import prepare_out, write_run_folder
 from lods.trainer import Trainer, load_prior, resolve_device, write_config
 
@@ -149,7 +150,11 @@ def run_and_export(trainer: Trainer, out: Path, show_progress: bool = True, vide
         disable=not show_progress,
     )
 
+    first: list[float | None] = []
+
     def progress(step: int, total: int, stats: dict) -> None:
+        if not first:
+            first.append(process_age())
         bar.update(1)
         if step % 10 == 0:
             bar.set_postfix(cfg=stats["cfg"], t=int(stats.get("t", 0)), loss=f"{stats['loss']:.3g}")
@@ -163,7 +168,9 @@ def run_and_export(trainer: Trainer, out: Path, show_progress: bool = True, vide
         raise UserError(trainer.message)
     seconds = time.perf_counter() - t0
     if show_progress:
-        print(f"{status}: {trainer.step} steps in {seconds:.1f} s; writing the results to {out} ...", flush=True)
+        began = f" (the first step done {first[0]:.1f} s after the command started)" if first and first[0] else ""
+        print(f"{status}: {trainer.step - start_step} steps in {seconds:.1f} s{began}; "
+              f"writing the results to {out} ...", flush=True)
     t_export = time.perf_counter()
     summary, files = write_run_folder(trainer, out, status, seconds=seconds, start_step=start_step, video=video)
     if show_progress:
