@@ -158,6 +158,7 @@ class Trainer:
         self._lane = (ThreadPoolExecutor(1, thread_name_prefix="lods-update")
                       if lane and self.estimator.update_in_background else None)
         self._update: Future | None = None  # the learned update in flight in the lane
+        self.update_early = True  # start it before the guidance where the estimator allows (``benchmarks.speed_ab``)
         self._update_stats: dict[str, float] | None = None  # the stats of the step that submitted it
         self._update_lock = threading.Lock()
         self.checkpoint_step: int | None = None  # step of the last checkpoint written or loaded
@@ -288,7 +289,7 @@ class Trainer:
         # Line 6 learns on this step's latents, as rendered before the theta step: a copy, since z may be the scene's
         # own parameter (2D latents), which the optimizer changes in place (no copy where nothing is learned).
         z_seen = z.detach().clone() if self.estimator.learns else z.detach()
-        early = self._background_update and self.estimator.update_beside_guidance
+        early = self._background_update and self.update_early and self.estimator.update_beside_guidance
         if early:
             # Line 6 in the lane from here, beside line 5's UNet forwards (which read alpha as it is now), the
             # backward and the next step's render

@@ -240,13 +240,13 @@ def test_bench_speed_reports_phases(tiny_sd_dir, tmp_path):
     assert "| gs | lods-embed |" in (out / "speed.md").read_text()
 
 
-def test_trace_ab_times_both_arms_of_one_run(tiny_sd_dir):
-    from benchmarks.trace_ab import trace_ab
+@pytest.mark.parametrize("switch", ["trace", "early"])
+def test_speed_ab_times_both_arms_of_one_run(tiny_sd_dir, switch):
+    from benchmarks.speed_ab import speed_ab
 
-    rows = trace_ab(["image"], ["lods-embed"], blocks=2, block=2, prior_name=str(tiny_sd_dir))
-    (row,) = rows
-    assert row["traced"] and len(row["traced_blocks"]) == len(row["eager_blocks"]) == 2
-    assert row["traced_it_s"] > 0 and row["eager_it_s"] > 0
+    (row,) = speed_ab(switch, ["image"], ["lods-embed"], blocks=2, block=2, prior_name=str(tiny_sd_dir))
+    assert row["traced"] and len(row["on_blocks"]) == len(row["off_blocks"]) == 2
+    assert row["on_it_s"] > 0 and row["off_it_s"] > 0
 
 
 def test_read_views_inverts_the_grid(tmp_path):

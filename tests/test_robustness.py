@@ -425,13 +425,17 @@ def test_the_learned_update_in_its_own_thread_gives_the_same_numbers(tiny_prior,
     """LODS-embed's update (Algorithm 1, line 6) runs in a lane beside the next step's render on CPU; the run is
     bit-identical to one that runs it in line, every logged update included."""
     runs = {}
-    for lane in (False, True):
+    for lane, early in ((False, False), (True, True), (True, False)):
         trainer = Trainer(config(backbone, "lods-embed", 6, second_thread=lane), prior=tiny_prior)
         assert (trainer._lane is not None) == lane == trainer._background_update
+        trainer.update_early = early  # started before the guidance (the default), or after it
         trainer.run()
         trainer.close()
-        runs[lane] = trainer
-    inline, lane = runs[False], runs[True]
+        runs[lane, early] = trainer
+    inline, lane, late = runs[False, False], runs[True, True], runs[True, False]
+    assert torch.equal(late.estimator.alpha, lane.estimator.alpha)
+    for a, b in zip(late.scene.parameters(), lane.scene.parameters()):
+        assert torch.equal(a, b)
     assert torch.equal(inline.estimator.alpha, lane.estimator.alpha)
     assert not torch.equal(lane.estimator.alpha, lane.estimator.alpha_init)  # it learned
     for a, b in zip(inline.scene.parameters(), lane.scene.parameters()):
