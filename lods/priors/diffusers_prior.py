@@ -394,6 +394,16 @@ class _Traceable(nn.Module):
         return self.unet(z_t, t, encoder_hidden_states=emb, return_dict=False)[0]
 
 
+@functools.cache
+def _quiet_tracing() -> None:
+    """Silence what tracing the UNet says every time: diffusers' shape checks becoming constants (hence one
+    graph per latent size) and torch.jit.trace's deprecation notice. Process-wide filters, set once, for
+    these messages only (``warnings.catch_warnings`` is not safe in the tracing thread)."""
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"diffusers\.")
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace(_method)?` is deprecated",
+                            category=DeprecationWarning)
+
+
 class UNetCall(nn.Module):
     """The one way a :class:`DiffusersPrior` calls its UNet: ``(z_t, t, emb) -> the UNet's output``.
 
@@ -444,11 +454,9 @@ class UNetCall(nn.Module):
         return None
 
     def _trace_into(self, key: tuple, unet: nn.Module, example: tuple, locked: bool = False) -> None:
+        _quiet_tracing()
         try:
-            with warnings.catch_warnings(), torch.no_grad(), torch.jit.optimized_execution(False):
-                # diffusers' shape checks become constants: hence one graph per latent size
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                warnings.simplefilter("ignore", DeprecationWarning)
+            with torch.no_grad(), torch.jit.optimized_execution(False):
                 graph = torch.jit.trace(_Traceable(unet), example, check_trace=False)
         except Exception as err:  # noqa: BLE001 - any failure to trace leaves the eager module in charge
             warnings.warn(f"the UNet runs eagerly: tracing it failed ({one_line(err, 200)})", stacklevel=2)
