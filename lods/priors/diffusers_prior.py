@@ -394,12 +394,12 @@ class _Traceable(nn.Module):
         return self.unet(z_t, t, encoder_hidden_states=emb, return_dict=False)[0]
 
 
-@functools.cache
 def _quiet_tracing() -> None:
     """Silence what tracing the UNet says every time: diffusers' shape checks becoming constants (hence one
-    graph per latent size) and torch.jit.trace's deprecation notice. Process-wide filters, set once, for
-    these messages only (``warnings.catch_warnings`` is not safe in the tracing thread)."""
-    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"diffusers\.")
+    graph per latent size) and torch.jit.trace's deprecation notice. Process-wide filters for these
+    warnings only, set before each trace (``warnings.catch_warnings`` is not safe in the tracing thread;
+    setting one again replaces it)."""
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace(_method)?` is deprecated",
                             category=DeprecationWarning)
 
