@@ -4,7 +4,7 @@ and off, in one run.
 ``trace``: the prior's UNet as a traced graph or the eager module (``prior.unet_call.trace``). ``early``:
 LODS-embed's learned update started before the step's guidance, beside its UNet forwards, or after it
 (``Trainer.update_early``). One trainer per backbone x method on the embedded prior (CPU); after 3 warm-up
-steps (and the UNet's trace) it trains blocks of ``--block`` steps, switching on and off (on-off, off-on,
+steps (the first traces the UNet) it trains blocks of ``--block`` steps, switching on and off (on-off, off-on,
 ...), and reports the median rate of each. Both arms run in the same process and the same minutes, so a
 machine whose speed drifts (a shared virtual machine) affects them alike, and the run itself is the same
 either way (both switches leave every number bit-identical). Bare ``train_step`` calls: no preview renders,
@@ -43,7 +43,6 @@ def speed_ab(switch: str, backbones: list[str], methods: list[str], blocks: int 
             try:
                 for _ in range(3):
                     trainer.train_step()
-                prior.unet_call.wait()
                 rates: dict[bool, list[float]] = {True: [], False: []}
                 for i in range(blocks):
                     for on in ((True, False) if i % 2 == 0 else (False, True)):

@@ -212,7 +212,6 @@ def test_the_traced_unet_is_bit_identical_to_the_module_at_any_batch(tiny_sd_dir
     """On the CPU the UNet runs as a traced graph (one per latent size): the same numbers and gradients as the
     eager module, traced at the first call's batch and used at every other."""
     prior = fresh_prior(tiny_sd_dir)
-    prior.unet_call.background = False  # traced at the first call, not beside it
     emb = prior.encode_text(["a red cube", "", "a blue sphere", "a red cube"])
     torch.manual_seed(0)
     assert not prior.unet_call._graphs
@@ -222,7 +221,7 @@ def test_the_traced_unet_is_bit_identical_to_the_module_at_any_batch(tiny_sd_dir
             assert torch.equal(prior.predict_noise(z_t, t, emb[:n]), _eager(prior, z_t, t, emb[:n]))
     assert len(prior.unet_call._graphs) == 1
     graph = next(iter(prior.unet_call._graphs.values()))
-    assert isinstance(graph, torch.jit.ScriptModule)
+    assert isinstance(graph, torch.jit.ScriptFunction)
 
     z_t, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     grads = []
@@ -231,6 +230,15 @@ def test_the_traced_unet_is_bit_identical_to_the_module_at_any_batch(tiny_sd_dir
         (fn(e) - torch.ones(2, 4, 8, 8)).square().mean().backward()
         grads.append(e.grad)
     assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
+
+    # the graph reads the UNet's own parameters (shared storage, no copy)
+    z_t = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        before = prior.predict_noise(z_t, t[:1], emb[:1])
+        prior.unet.conv_in.bias.add_(1.0)
+        changed = prior.predict_noise(z_t, t[:1], emb[:1])
+        prior.unet.conv_in.bias.sub_(1.0)
+    assert not torch.equal(before, changed)
 
     # another latent size gets a graph of its own
     z_big = torch.randn(1, 4, 16, 16)
@@ -261,7 +269,6 @@ def test_a_unet_that_cannot_be_traced_runs_eagerly(tiny_sd_dir, monkeypatch):
         raise RuntimeError("not traceable")
 
     monkeypatch.setattr(torch.jit, "trace", fail)
-    prior.unet_call.background = False
     emb = prior.encode_text(["a red cube"])
     z_t, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
     with pytest.warns(UserWarning, match="runs eagerly"), torch.no_grad():
@@ -271,13 +278,3 @@ def test_a_unet_that_cannot_be_traced_runs_eagerly(tiny_sd_dir, monkeypatch):
         prior.predict_noise(z_t, t, emb)  # no second attempt, no second warning
     assert not prior.unet_call._graphs and prior.unet_call._untraceable
 
-
-def test_the_first_call_traces_in_the_background_and_the_module_answers_meanwhile(tiny_sd_dir):
-    prior = fresh_prior(tiny_sd_dir)
-    emb = prior.encode_text(["a red cube"])
-    z_t, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
-    with torch.no_grad():
-        first = prior.predict_noise(z_t, t, emb)  # the eager module, while the trace starts
-        prior.unet_call.wait()
-        assert len(prior.unet_call._graphs) == 1 and not any(th.is_alive() for th in prior.unet_call._tracing.values())
-        assert torch.equal(first, prior.predict_noise(z_t, t, emb))  # the graph now: the same numbers

@@ -574,7 +574,6 @@ def time_setting(prior, setting: dict[str, Any], steps: int = 3, warmup: int = 2
     try:
         for _ in range(warmup):
             trainer.train_step()
-        prior.unet_call.wait()  # the CPU reference's UNet trace is not measured
         sync()
         with PeakMemory(device) as mem:
             timer.reset()

@@ -87,7 +87,6 @@ def measure_config(
 
     def progress(step: int, total: int, stats: dict) -> None:
         if step == warmup:
-            prior.unet_call.wait()  # the UNet's trace (CPU) is not measured
             if prior.device.type == "cuda":
                 torch.cuda.synchronize()
             timer.reset()
