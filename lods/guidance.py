@@ -354,6 +354,19 @@ def _num(x: float) -> str:
     return text
 
 
+class _PerThread:
+    """An integer attribute with a value per thread (in the instance's ``_tally``, a ``threading.local``)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        return self if obj is None else getattr(obj._tally, self.name, 0)
+
+    def __set__(self, obj: Any, value: int) -> None:
+        setattr(obj._tally, self.name, value)
+
+
 class Estimator:
     """The theta step shared by every method: draw t and eps, ask ``direction``, weight, guard, clip."""
 
@@ -389,21 +402,8 @@ class Estimator:
         # The update's own random stream (t, noise, camera dropout): the same draws whichever thread runs it.
         self.generator: torch.Generator | None = None
 
-    @property
-    def _forward(self) -> int:
-        return getattr(self._tally, "forward", 0)
-
-    @_forward.setter
-    def _forward(self, n: int) -> None:
-        self._tally.forward = n
-
-    @property
-    def _backward(self) -> int:
-        return getattr(self._tally, "backward", 0)
-
-    @_backward.setter
-    def _backward(self, n: int) -> None:
-        self._tally.backward = n
+    _forward = _PerThread()  # UNet forward passes (in latents) since the last ``_counts``, in the calling thread
+    _backward = _PerThread()
 
     def seed(self, seed: int) -> None:
         """Give ``update`` its own random stream, seeded (the trainer does; without it, torch's global one);
