@@ -260,6 +260,10 @@ def test_adapters_and_trace_off_run_the_eager_module(tiny_sd_dir):
     with torch.no_grad(), prior.lora_scale("psi", 1.0):
         prior.predict_noise(z_t, t, emb)
     assert not prior.unet_call._graphs  # a LoRA adapter is attached: never traced
+    prior.remove_lora("psi")  # the adapter's wrappers stay on the UNet, empty: traced again, still the base model
+    with torch.no_grad():
+        assert torch.equal(prior.predict_noise(z_t, t, emb), _eager(prior, z_t, t, emb))
+    assert len(prior.unet_call._graphs) == 1
 
 
 def test_a_unet_that_cannot_be_traced_runs_eagerly(tiny_sd_dir, monkeypatch):
