@@ -496,14 +496,16 @@ def test_terminal_ends_with_the_page_address_once():
                             cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
         wait_for(lambda: any("LODS Studio is running" in line for line in lines), timeout=120)
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read()  # the page answers there
-        time.sleep(2)  # anything printed after the address would show up now
+        for _ in range(2):  # the page answers there; the second answer comes after all the first one printed
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read()
     finally:
         proc.terminate()
         proc.wait(20)
+        reader.join(20)  # every line, to the end of the output
     text = [line.rstrip() for line in lines if line.strip()]
     address = f"LODS Studio is running: open http://127.0.0.1:{port}/ (Ctrl-C to quit)"
     assert address in text and text.count(address) == 1
@@ -926,11 +928,19 @@ def test_an_owner_token_keeps_the_run_across_a_reload(manager):
     assert job.owner == f"browser:{token}"
     assert studio.claim(token, request=reloaded) == token  # the reloaded page brings the token back
     studio.release(request=first)  # the old page's unload: its run stays while the new page polls
-    end = time.monotonic() + 1.0
-    while time.monotonic() < end:
+    grace_over = time.monotonic() + studio.settings.unload_grace_s
+    after_grace: dict[str, int] = {}
+
+    def trained_on_past_the_grace() -> str | None:
+        """The reloaded page's status once the run has taken 3 steps after the old page's grace period ended."""
         status = studio.watch({}, {}, request=reloaded)[0]
-        time.sleep(0.05)
-    assert job.active and "read-only" not in status and "CFG 42" in status
+        if time.monotonic() < grace_over or job.trainer is None:
+            return None
+        start = after_grace.setdefault("step", job.trainer.step)
+        return status if job.trainer.step >= start + 3 else None
+
+    status = wait_for(trained_on_past_the_grace, timeout=60)
+    assert job.active and not job.stop_requested and "read-only" not in status and "CFG 42" in status
     assert "set to 30" in studio.set_cfg("30", request=reloaded)[0]
     assert "another session" in studio.set_cfg("20", request=stranger)[0]
     controls = studio.run_controls({}, request=reloaded)  # the reloaded page shows the run's own settings
