@@ -3,12 +3,13 @@ and off, in one run.
 
 ``trace``: the prior's UNet as a traced graph or the eager module (``prior.unet_call.trace``). ``early``:
 LODS-embed's learned update started before the step's guidance, beside its UNet forwards, or after it
-(``Trainer.update_early``). One trainer per backbone x method on the embedded prior (CPU); after 3 warm-up
-steps (the first traces the UNet) it trains blocks of ``--block`` steps, switching on and off (on-off, off-on,
-...), and reports the median rate of each. Both arms run in the same process and the same minutes, so a
-machine whose speed drifts (a shared virtual machine) affects them alike, and the run itself is the same
-either way (both switches leave every number bit-identical). Bare ``train_step`` calls: no preview renders,
-no events. A benchmark: it prints figures and writes them to ``--out``, it asserts nothing.
+(``Trainer.update_early``). One trainer per backbone x method on the embedded prior (CPU, ``bench speed``'s
+views per step); after 3 warm-up steps (the first traces the UNet) it trains blocks of ``--block`` steps,
+switching on and off (on-off, off-on, ...), and reports the median rate of each. Both arms run in the same
+process and the same minutes, so a machine whose speed drifts (a shared virtual machine) affects them alike,
+and the run itself is the same either way (both switches leave every number bit-identical). Bare
+``train_step`` calls: no preview renders, no events. A benchmark: it prints figures and writes them to
+``--out``, it asserts nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-BATCH = {"gs": 2, "nerf": 1, "image": 1}
-
-
 SWITCHES = ("trace", "early")
 
 
@@ -30,6 +28,7 @@ def speed_ab(switch: str, backbones: list[str], methods: list[str], blocks: int 
              prior_name: str = "toy") -> list[dict[str, Any]]:
     import torch
 
+    from lods.bench.speed import BACKBONE_BATCH
     from lods.config import RunConfig
     from lods.trainer import Trainer, load_prior
 
@@ -38,7 +37,7 @@ def speed_ab(switch: str, backbones: list[str], methods: list[str], blocks: int 
     for backbone in backbones:
         for method in methods:
             config = RunConfig(prompt="a red cube", prior=prior_name, backbone=backbone, method=method, cfg=100.0,
-                               steps=10**6, seed=0, device="cpu", batch=BATCH[backbone], checkpoint_every=0)
+                               steps=10**6, seed=0, device="cpu", batch=BACKBONE_BATCH[backbone], checkpoint_every=0)
             trainer = Trainer(config, prior=prior)
             try:
                 for _ in range(3):
