@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from examples.shots import app_in_chromium, shot_parser
+from examples.shots import app_in_chromium, run_until, shot_parser
 from lods.config import RunConfig
 from lods.runs.image3d import with_image, world_input
 
@@ -27,11 +27,7 @@ def main() -> None:
         config = with_image(RunConfig.from_dict(dict(prompt="", backbone="gs", method="lods-embed", cfg=100.0,
                                                      steps=args.steps, seed=0)), image)
         job = jobs.start_or_queue(config, owner="screenshot")
-        while job.active:
-            jobs.touch("screenshot")  # an owner that never polls counts as gone
-            time.sleep(0.5)
-        if job.phase != "done":
-            raise SystemExit(f"the run ended early: {job.phase} {job.message}")
+        run_until(jobs, job, lambda j: j.phase == "done")
         page.goto(url)
         page.wait_for_selector("#renders img", timeout=60_000)
         time.sleep(3)  # the timer's next draw

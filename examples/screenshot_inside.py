@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from examples.shots import app_in_chromium, shot_parser
+from examples.shots import app_in_chromium, run_until, shot_parser
 from lods.config import RunConfig
 
 
@@ -21,11 +21,7 @@ def main() -> None:
         config = RunConfig.from_dict(dict(prompt="a red cube", backbone="gs", method="lods-embed", cfg=100.0,
                                           steps=args.steps, seed=0))
         job = jobs.start_or_queue(config, owner="screenshot")
-        while job.trainer is None or job.trainer.step < args.at:
-            if not job.active:
-                raise SystemExit(f"the run ended early: {job.phase} {job.message}")
-            jobs.touch("screenshot")  # an owner that never polls counts as gone
-            time.sleep(0.5)
+        run_until(jobs, job, lambda j: j.trainer is not None and j.trainer.step >= args.at)
         jobs.set_paused("screenshot", True)  # the plots and the look show the same step
         page.goto(url)
         page.get_by_role("tab", name="Inside one step").click()

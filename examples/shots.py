@@ -1,10 +1,11 @@
-"""What the screenshot scripts share: their two common options, and the app on the toy prior on a loopback port
-with a headless Chromium page (not yet opened on it) in a 1400 x 1000 window."""
+"""What the screenshot scripts share: their two common options, the app on the toy prior on a loopback port with a
+headless Chromium page (not yet opened on it) in a 1400 x 1000 window, and waiting for a run as its owner."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -38,3 +39,13 @@ def app_in_chromium(chromium: str) -> Iterator[tuple[JobManager, Any, str]]:
     finally:
         jobs.shutdown()
         demo.close()
+
+
+def run_until(jobs: JobManager, job: Any, reached: Callable[[Any], bool], owner: str = "screenshot") -> None:
+    """Poll as ``owner`` (an owner that never polls counts as gone) until ``reached(job)``; exit with the run's
+    phase and message where it ends before that."""
+    while not reached(job):
+        if not job.active:
+            raise SystemExit(f"the run ended early: {job.phase} {job.message}")
+        jobs.touch(owner)
+        time.sleep(0.5)
